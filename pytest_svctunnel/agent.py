@@ -1,0 +1,246 @@
+"""The pod end: mute until an authenticated hello, then builds the requested networks.
+
+It never sends on the tunnel port before it has heard a valid hello: the first
+datagram it sends is a CHALLENGE, which follows the flow the hello opened back
+through the Service. It commits to a peer only when that peer answers the
+challenge, and its nftables filter keeps the port closed to everyone else.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import secrets
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from types import FrameType
+
+from . import device, nft
+from .errors import SvcTunnelError
+from .guard import DEFAULT_MAX_SKEW_S, ReplayGuard
+from .packets import UdpDatagram
+from .protocol import (
+    Ack,
+    Challenge,
+    Confirm,
+    Endpoint,
+    Hello,
+    IPAddress,
+    Message,
+    PodNetwork,
+    ProtocolError,
+    Reject,
+    decode,
+    encode,
+)
+from .transport import HelloTap, send_raw_udp
+
+log = logging.getLogger("svctunnel.agent")
+_PENDING_TTL_S = 10.0
+_PENDING_MAX = 32
+_REJECT_LOG_INTERVAL_S = 1.0
+
+
+@dataclass(frozen=True)
+class AgentSettings:
+    """What ``svctunnel agent`` needs; built from CLI flags or environment variables."""
+
+    key: bytes
+    port: int = 5533
+    peer: IPAddress | None = None
+    underlay_dev: str | None = None
+    max_skew_s: float = DEFAULT_MAX_SKEW_S
+
+
+@dataclass
+class _Pending:
+    hello: Hello
+    source: Endpoint
+    local: Endpoint
+    expires: float
+
+
+@dataclass
+class AgentStatus:
+    """The agent's state and counters, for logs, SIGUSR1 and diagnostics."""
+
+    state: str = "waiting"
+    peer: Endpoint | None = None
+    networks: dict[str, PodNetwork] = field(default_factory=dict)
+    mtu: int = 0
+    counters: collections.Counter[str] = field(default_factory=collections.Counter)
+
+    def render(self) -> str:
+        nets = ",".join(f"{n.dev}/vni{n.vni}" for n in self.networks.values()) or "-"
+        counts = " ".join(f"{k}={v}" for k, v in sorted(self.counters.items())) or "-"
+        return f"state={self.state} peer={self.peer or '-'} mtu={self.mtu} networks={nets} counters: {counts}"
+
+
+class Agent:
+    """The pod end's state machine; ``serve`` runs it until ``stop`` returns True."""
+
+    def __init__(self, settings: AgentSettings, clock: Callable[[], float] = time.time) -> None:
+        self.settings = settings
+        self.status = AgentStatus()
+        self._clock = clock
+        self._guard = ReplayGuard(settings.max_skew_s)
+        self._pending: collections.OrderedDict[bytes, _Pending] = collections.OrderedDict()
+        self._committed_nonce: bytes | None = None
+        self._last_reject_log = 0.0
+        self._unlogged_rejects = 0
+
+    # -- the loop --------------------------------------------------------------
+
+    def serve(self, stop: Callable[[], bool]) -> None:
+        """Filter the port, listen for hellos, and remove everything built on the way out."""
+        nft.apply(nft.pod_filter(self.settings.port, None))
+        try:
+            with HelloTap(self.settings.port, self.settings.underlay_dev) as tap:
+                log.info("listening on UDP port %d (%s)", self.settings.port, self._pin_text())
+                while not stop():
+                    datagram = tap.receive(timeout=0.5)
+                    if datagram is not None:
+                        self.handle(datagram)
+        finally:
+            self.teardown()
+
+    def _pin_text(self) -> str:
+        return f"hellos only from {self.settings.peer}" if self.settings.peer else "hellos from any address"
+
+    def teardown(self) -> None:
+        for net in list(self.status.networks.values()):
+            device.delete_link(None, net.dev)
+        self.status.networks.clear()
+        nft.delete_table("inet", nft.filter_table(self.settings.port))
+        self._set_state("stopped", "removed all networks and the port filter")
+
+    # -- handling datagrams ----------------------------------------------------
+
+    def handle(self, datagram: UdpDatagram) -> None:
+        """Process one datagram from the hello tap; invalid ones are counted, never answered."""
+        try:
+            message = self._authenticate(datagram)
+            if isinstance(message.body, Hello):
+                self._challenge(message, datagram)
+            elif isinstance(message.body, Confirm):
+                self._commit(message, datagram)
+            else:
+                raise ProtocolError(Reject.UNSOLICITED, message.type.name)
+        except ProtocolError as exc:
+            self._reject(exc, datagram)
+
+    def _authenticate(self, datagram: UdpDatagram) -> Message:
+        if datagram.destination.port != self.settings.port:
+            raise ProtocolError(Reject.UNSOLICITED, f"port {datagram.destination.port}")
+        pin = self.settings.peer
+        if pin is not None and datagram.source.address != pin:
+            raise ProtocolError(Reject.PEER, f"from {datagram.source.address}, pinned to {pin}")
+        message = decode(datagram.payload, self.settings.key)
+        self._guard.check(message, self._now_ms())
+        return message
+
+    def _now_ms(self) -> int:
+        return int(self._clock() * 1000)
+
+    def _reject(self, exc: ProtocolError, datagram: UdpDatagram) -> None:
+        self.status.counters[f"rejected-{exc.reason.value}"] += 1
+        now = time.monotonic()
+        if now - self._last_reject_log < _REJECT_LOG_INTERVAL_S:
+            self._unlogged_rejects += 1
+            return
+        more = f" (+{self._unlogged_rejects} more since last report)" if self._unlogged_rejects else ""
+        log.warning("ignored datagram from %s: %s%s", datagram.source, exc, more)
+        self._last_reject_log = now
+        self._unlogged_rejects = 0
+
+    def _challenge(self, message: Message, datagram: UdpDatagram) -> None:
+        assert isinstance(message.body, Hello)
+        nonce = secrets.token_bytes(16)
+        self._expire_pending()
+        self._pending[nonce] = _Pending(
+            message.body, datagram.source, datagram.destination, time.monotonic() + _PENDING_TTL_S
+        )
+        while len(self._pending) > _PENDING_MAX:
+            self._pending.popitem(last=False)
+        self.status.counters["hellos"] += 1
+        self._send(message, Challenge(nonce, datagram.source), datagram)
+        if self.status.state == "waiting":
+            self._set_state("challenged", f"valid hello from {datagram.source}, challenge sent")
+
+    def _expire_pending(self) -> None:
+        now = time.monotonic()
+        for nonce in [n for n, p in self._pending.items() if p.expires < now]:
+            del self._pending[nonce]
+
+    def _commit(self, message: Message, datagram: UdpDatagram) -> None:
+        assert isinstance(message.body, Confirm)
+        nonce = message.body.nonce
+        if nonce == self._committed_nonce and datagram.source == self.status.peer:
+            self._send(message, self._ack(datagram.source), datagram)  # our ACK was lost
+            return
+        pending = self._pending.pop(nonce, None)
+        if pending is None or pending.source != datagram.source:
+            raise ProtocolError(Reject.UNSOLICITED, "confirm for no challenge sent to this address")
+        self._build(pending)
+        self._committed_nonce = nonce
+        self.status.counters["handshakes"] += 1
+        self._send(message, self._ack(datagram.source), datagram)
+
+    def _ack(self, peer: Endpoint) -> Ack:
+        return Ack(peer, self.status.mtu, len(self.status.networks))
+
+    def _build(self, pending: _Pending) -> None:
+        peer, local = pending.source, pending.local
+        route = device.route_to(None, peer.address)
+        underlay = self.settings.underlay_dev or route.dev
+        mtu = min(pending.hello.mtu, device.tunnel_mtu(route.mtu, peer.address.version))
+        wanted = {n.dev: n for n in pending.hello.networks}
+        for gone in set(self.status.networks) - set(wanted):
+            device.delete_link(None, gone)
+            del self.status.networks[gone]
+        for net in wanted.values():
+            addresses = tuple(a for a in (net.ipv4, net.ipv6) if a is not None)
+            spec = device.VxlanSpec(net.dev, net.vni, self.settings.port, local.address, underlay, mtu, addresses)
+            device.ensure_vxlan(None, spec)
+            self.status.networks[net.dev] = net
+            device.set_peer(None, net.dev, peer)
+        nft.apply(nft.pod_filter(self.settings.port, peer))
+        moved = self.status.peer is not None and self.status.peer != peer
+        self.status.peer, self.status.mtu = peer, mtu
+        self._set_state("up", f"{'peer moved to' if moved else 'tunnel up with'} {peer}, "
+                        f"{len(wanted)} network(s), mtu {mtu}")
+
+    def _send(self, request: Message, body: Challenge | Ack, datagram: UdpDatagram) -> None:
+        reply = Message(request.session, request.counter, self._now_ms(), body)
+        send_raw_udp(datagram.destination, datagram.source, encode(reply, self.settings.key))
+
+    def _set_state(self, state: str, why: str) -> None:
+        if state != self.status.state or state == "up":
+            log.info("%s: %s", state, why)
+        self.status.state = state
+
+
+def run_agent(settings: AgentSettings) -> int:
+    """Run until SIGTERM or SIGINT; SIGUSR1 logs the status line. Returns an exit code."""
+    stopping: list[int] = []
+    agent = Agent(settings)
+
+    def on_stop(signum: int, _frame: FrameType | None) -> None:
+        stopping.append(signum)
+
+    def on_status(_signum: int, _frame: FrameType | None) -> None:
+        log.info("status: %s", agent.status.render())
+
+    signal.signal(signal.SIGTERM, on_stop)
+    signal.signal(signal.SIGINT, on_stop)
+    signal.signal(signal.SIGUSR1, on_status)
+    log.info("agent started, pid %d", os.getpid())
+    try:
+        agent.serve(lambda: bool(stopping))
+    except SvcTunnelError as exc:
+        log.error("%s", exc)
+        return 1
+    return 0

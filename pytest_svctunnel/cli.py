@@ -1,0 +1,244 @@
+"""The ``svctunnel`` command: keygen, agent, connect, lab."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
+
+from . import keys
+from .agent import AgentSettings, run_agent
+from .connector import ConnectSettings, ExternalEnd
+from .errors import ConfigError, SvcTunnelError
+from .lab import Lab, lab_runs
+from .networks import DEFAULT_VNI, MAX_VNI, single_network
+from .privileges import require_net_admin
+from .protocol import Endpoint, valid_dev_name
+from .runs import Run
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """Bad arguments: one clear line on stderr and exit 2, nothing touched."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"port {text!r} is outside 1..65535")
+    return value
+
+
+def _vni(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= MAX_VNI:
+        raise argparse.ArgumentTypeError(f"VNI {text!r} is outside 1..{MAX_VNI}")
+    return value
+
+
+def _iface(version: int) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        try:
+            iface = ipaddress.ip_interface(text)
+        except ValueError:
+            iface = None
+        if iface is None or iface.version != version or "/" not in text:
+            example = "10.30.30.2/30" if version == 4 else "fd00:3030::2/126"
+            raise argparse.ArgumentTypeError(f"{text!r} is not an IPv{version} address with prefix, like {example}")
+        return iface
+
+    return parse
+
+
+def _address(text: str) -> Any:
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an IP address") from None
+
+
+def _service(text: str) -> Endpoint:
+    host, port = text, "5533"
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else "5533"
+    elif text.count(":") == 1:
+        host, port = text.split(":")
+    try:
+        return Endpoint(ipaddress.ip_address(host), _port(port))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not ADDR[:PORT] (IPv6: [ADDR]:PORT)") from None
+
+
+def _dev(text: str) -> str:
+    if not valid_dev_name(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a valid interface name (1-15 characters)")
+    return text
+
+
+def _timeout(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1
+    if not 0 < value <= 3600:
+        raise argparse.ArgumentTypeError(f"timeout {text!r} must be 0..3600 seconds")
+    return value
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    return os.environ.get(name) or default
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="svctunnel", description="VXLAN tunnels into Kubernetes through a UDP Service")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    sub.add_parser("keygen", help="print a new random session key")
+
+    agent = sub.add_parser("agent", help="run the pod end (settings also from SVCTUNNEL_* variables)")
+    agent.add_argument("--key-file", default=_env("SVCTUNNEL_KEY_FILE"), help="key file [SVCTUNNEL_KEY_FILE]")
+    agent.add_argument("--port", type=_port, default=_env("SVCTUNNEL_PORT", "5533"), help="UDP port [SVCTUNNEL_PORT]")
+    agent.add_argument("--peer", type=_address, default=_env("SVCTUNNEL_PEER"),
+                       help="accept hellos only from this address [SVCTUNNEL_PEER]")
+    agent.add_argument("--underlay-dev", type=_dev, default=_env("SVCTUNNEL_UNDERLAY_DEV"),
+                       help="device hellos arrive on and tunnels use [SVCTUNNEL_UNDERLAY_DEV]")
+    agent.add_argument("--max-skew", type=_timeout, default=_env("SVCTUNNEL_MAX_SKEW", "120"),
+                       help="accepted clock difference in seconds [SVCTUNNEL_MAX_SKEW]")
+
+    connect = sub.add_parser("connect", help="run the external end in the foreground")
+    connect.add_argument("--service", type=_service, required=True, help="Service address ADDR[:PORT]")
+    connect.add_argument("--key-file", required=True)
+    connect.add_argument("--vni", type=_vni, default=DEFAULT_VNI)
+    connect.add_argument("--ipv4", type=_iface(4), help="this end's IPv4 address (default 10.30.30.2/30)")
+    connect.add_argument("--ipv6", type=_iface(6), help="this end's IPv6 address (default fd00:3030::2/126)")
+    connect.add_argument("--remote-ipv4", type=_iface(4), help="the pod end's IPv4 address")
+    connect.add_argument("--remote-ipv6", type=_iface(6), help="the pod end's IPv6 address")
+    connect.add_argument("--dev", type=_dev, default="vxlan0")
+    connect.add_argument("--timeout", type=_timeout, default=30.0, help="handshake deadline in seconds")
+    connect.add_argument("--underlay-dev", type=_dev)
+
+    lab = sub.add_parser("lab", help="the built-in lab: namespaces that copy a cluster's network path")
+    lab_sub = lab.add_subparsers(dest="lab_command", required=True, parser_class=_Parser)
+    up = lab_sub.add_parser("up", help="build a lab and start its agent; prints how to connect")
+    up.add_argument("--port", type=_port, default=5533)
+    up.add_argument("--keep-ports", action="store_true", help="the home router keeps source ports")
+    for name in ("down", "status"):
+        cmd = lab_sub.add_parser(name, help=f"{name} a lab (all labs when --run is not given)")
+        cmd.add_argument("--run", help="the run id printed by 'lab up'")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO,
+                        format="%(asctime)s %(name)s: %(message)s")
+    try:
+        return int(_COMMANDS[args.command](args))
+    except ConfigError as exc:
+        print(f"svctunnel: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except SvcTunnelError as exc:
+        print(f"svctunnel: {exc}", file=sys.stderr)
+        return 1
+
+
+def _keygen(_args: argparse.Namespace) -> int:
+    print(keys.generate_key())
+    return 0
+
+
+def _agent(args: argparse.Namespace) -> int:
+    if not args.key_file:
+        raise ConfigError("no key file: give --key-file or set SVCTUNNEL_KEY_FILE")
+    settings = AgentSettings(
+        key=keys.read_key_file(args.key_file),
+        port=_port(str(args.port)),
+        peer=_address(args.peer) if isinstance(args.peer, str) else args.peer,
+        underlay_dev=args.underlay_dev,
+        max_skew_s=float(args.max_skew),
+    )
+    require_net_admin("svctunnel agent")
+    return run_agent(settings)
+
+
+def _connect(args: argparse.Namespace) -> int:
+    key = keys.read_key_file(args.key_file)
+    net = single_network(args.dev, args.vni, args.ipv4, args.ipv6, args.remote_ipv4, args.remote_ipv6)
+    require_net_admin("svctunnel connect")
+    settings = ConnectSettings(args.service, key, (net,), args.timeout, args.underlay_dev)
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    end = ExternalEnd(settings)
+    try:
+        conn = end.open()
+        built = conn.networks[0]
+        addrs = ",".join(str(a) for a in (built.local_ipv4, built.local_ipv6) if a)
+        remote = ",".join(str(a) for a in (built.remote_ipv4, built.remote_ipv6) if a)
+        print(f"ready dev={built.dev} vni={built.vni} mtu={built.mtu} local={addrs} remote={remote} "
+              f"service={conn.service} peer={conn.peer} port={conn.local.port}", flush=True)
+        while not stop.wait(0.5):
+            pass
+    finally:
+        end.close()
+    return 0
+
+
+def _lab(args: argparse.Namespace) -> int:
+    require_net_admin("svctunnel lab")
+    if args.lab_command == "up":
+        run = Run.new()
+        lab = Lab(run, port=args.port, rewrite_ports=not args.keep_ports)
+        key_file = run.dir / "key"
+        keys.write_key_file(key_file, keys.generate_key())
+        lab.up()
+        try:
+            lab.start_agent(key_file)
+        except BaseException:
+            lab.down()
+            run.remove()
+            raise
+        lab.agent = None  # the agent outlives this command; 'lab down' stops it by pid
+        print(lab.status())
+        print(f"connect: svctunnel connect --service {lab.plan.service(4)} --key-file {key_file}")
+        print(f"remove:  svctunnel lab down --run {run.id}")
+        return 0
+    runs = [Run.existing(args.run)] if args.run else list(lab_runs())
+    if args.run and not (runs[0].dir / "lab.json").exists():
+        raise ConfigError(f"no lab with run id {args.run}; 'svctunnel lab status' lists them")
+    for run in runs:
+        lab = Lab(run)
+        if args.lab_command == "status":
+            print(lab.status())
+        else:
+            lab.down()
+            run.remove()
+            print(f"removed lab {run.id}")
+    if not runs:
+        print("no labs")
+    return 0
+
+
+_COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "keygen": _keygen,
+    "agent": _agent,
+    "connect": _connect,
+    "lab": _lab,
+}

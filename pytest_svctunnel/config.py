@@ -1,0 +1,150 @@
+"""Settings: the option table, and resolving CLI > environment > ini > default.
+
+Pure: plugin.py feeds it the raw values, it hands back one frozen object that
+knows where each value came from (for the report header).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import ConfigError
+from .protocol import IPAddress
+
+BACKENDS = ("lab", "kubernetes")
+KEEP = ("never", "on-failure", "always")
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 65535:
+        raise ValueError("outside 1..65535")
+    return value
+
+
+def _vni(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 0xFFFFFF:
+        raise ValueError("outside 1..16777215")
+    return value
+
+
+def _timeout(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 3600:
+        raise ValueError("outside (0, 3600] seconds")
+    return value
+
+
+def _choice(choices: tuple[str, ...]) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if text not in choices:
+            raise ValueError(f"choose one of {', '.join(choices)}")
+        return text
+
+    return parse
+
+
+def _peer(text: str) -> IPAddress:
+    return ipaddress.ip_address(text)
+
+
+def _text(text: str) -> str:
+    if not text:
+        raise ValueError("empty")
+    return text
+
+
+@dataclass(frozen=True)
+class Option:
+    """One setting: pytest option ``--svctunnel-<flag>``, ini ``svctunnel_<key>``, env ``SVCTUNNEL_<KEY>``."""
+
+    key: str
+    parse: Callable[[str], Any]
+    default: str | None
+    help: str
+
+    @property
+    def flag(self) -> str:
+        return "--svctunnel-" + self.key.replace("_", "-")
+
+    @property
+    def ini(self) -> str:
+        return "svctunnel_" + self.key
+
+    @property
+    def env(self) -> str:
+        return "SVCTUNNEL_" + self.key.upper()
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("backend", _choice(BACKENDS), "lab", "where the pod end runs: lab (network namespaces on this host) or kubernetes"),
+    Option("peer", _peer, None, "the address hellos must come from, as the pod sees it; others are ignored"),
+    Option("port", _port, "5533", "the Service's UDP port, also the pod end's listening port"),
+    Option("vni", _vni, "333", "VNI of the default network"),
+    Option("timeout", _timeout, "60", "deadline in seconds for each setup and teardown phase"),
+    Option("keep", _choice(KEEP), "never", "keep what the session built: never, on-failure or always"),
+    Option("underlay_dev", _text, None, "this host's device towards the Service (default: from the route)"),
+)
+OPTION_BY_KEY = {o.key: o for o in OPTIONS}
+
+
+@dataclass(frozen=True)
+class TunnelConfig:
+    """The effective settings of one session, and where each came from."""
+
+    backend: str
+    peer: IPAddress | None
+    port: int
+    vni: int
+    timeout: float
+    keep: str
+    underlay_dev: str | None
+    sources: Mapping[str, str]
+
+    def describe(self) -> list[str]:
+        """One ``key=value (source)`` item per setting, for the report header."""
+        return [f"{o.key}={getattr(self, o.key)} ({self.sources[o.key]})" for o in OPTIONS]
+
+
+def resolve(
+    cli: Mapping[str, str | None],
+    env: Mapping[str, str],
+    ini: Mapping[str, str | None],
+) -> TunnelConfig:
+    """Pick each setting from the first of CLI, environment, ini and default that has it."""
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for option in OPTIONS:
+        raw, source = _first(option, cli, env, ini)
+        values[option.key] = None if raw is None else _parse(option, raw, source)
+        sources[option.key] = source
+    if values["backend"] == "kubernetes":
+        raise ConfigError(
+            "--svctunnel-backend kubernetes is not available in this version;"
+            " use --svctunnel-backend lab (the built-in lab)"
+        )
+    return TunnelConfig(sources=sources, **values)
+
+
+def _first(
+    option: Option, cli: Mapping[str, str | None], env: Mapping[str, str], ini: Mapping[str, str | None]
+) -> tuple[str | None, str]:
+    if cli.get(option.key) is not None:
+        return cli[option.key], "cli"
+    if env.get(option.env):
+        return env[option.env], "env"
+    if ini.get(option.key):
+        return ini[option.key], "ini"
+    return option.default, "default"
+
+
+def _parse(option: Option, raw: str, source: str) -> Any:
+    where = {"cli": option.flag, "env": option.env, "ini": f"ini {option.ini}", "default": option.flag}[source]
+    try:
+        return option.parse(str(raw).strip())
+    except ValueError as exc:
+        raise ConfigError(f"{where}={raw!r} is invalid ({exc}); fix {where}") from None

@@ -1,0 +1,284 @@
+"""The kernel VXLAN device of one tunnel network, on either end.
+
+Functions here are safe to run twice: they look for an existing link, compare it,
+reuse or recreate it, and read it back. The namespace is always named (None is
+the caller's own namespace).
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Union
+
+from pyroute2 import IPRoute, NetNS
+from pyroute2.netlink.exceptions import NetlinkError
+
+from .errors import KernelError
+from .protocol import Endpoint, IPAddress
+
+IPInterface = Union[ipaddress.IPv4Interface, ipaddress.IPv6Interface]
+ZERO_MAC = "00:00:00:00:00:00"
+IFA_F_NODAD = 0x02
+OVERHEAD = {4: 50, 6: 70}  # outer IP + UDP + VXLAN + inner Ethernet
+
+
+def tunnel_mtu(underlay_mtu: int, outer_version: int) -> int:
+    """The largest inner packet that fits the underlay without fragmenting."""
+    return underlay_mtu - OVERHEAD[outer_version]
+
+
+@contextmanager
+def netlink(netns: str | None) -> Iterator[Any]:
+    """An rtnetlink socket in ``netns`` (an existing one; never created here)."""
+    try:
+        ipr: Any = NetNS(netns, flags=0) if netns else IPRoute()
+    except OSError as exc:
+        raise KernelError(f"cannot open network namespace {netns!r}: {exc}") from None
+    try:
+        yield ipr
+    finally:
+        ipr.close()
+
+
+@dataclass(frozen=True)
+class VxlanSpec:
+    """Everything that defines one tunnel device."""
+
+    name: str
+    vni: int
+    port: int  # listening port, and the one source port (the kernel range is [port, port+1))
+    local: IPAddress
+    underlay: str | None
+    mtu: int
+    addresses: tuple[IPInterface, ...]
+
+
+@dataclass(frozen=True)
+class LinkState:
+    """What the kernel reports for a link, for diagnostics and liveness."""
+
+    name: str
+    state: str
+    mtu: int
+    stats: dict[str, int]
+    addresses: tuple[str, ...]
+    fdb: tuple[str, ...]
+
+    def render(self) -> str:
+        stats = self.stats
+        return (
+            f"{self.name}: {self.state} mtu {self.mtu} "
+            f"rx {stats.get('rx_packets', 0)} pkts/{stats.get('rx_bytes', 0)} B "
+            f"tx {stats.get('tx_packets', 0)} pkts/{stats.get('tx_bytes', 0)} B "
+            f"rx_err {stats.get('rx_errors', 0)} tx_err {stats.get('tx_errors', 0)} "
+            f"tx_drop {stats.get('tx_dropped', 0)}; "
+            f"addr {' '.join(self.addresses) or '-'}; fdb {' '.join(self.fdb) or '-'}"
+        )
+
+
+def _index(ipr: Any, name: str) -> int | None:
+    found = ipr.link_lookup(ifname=name)
+    return int(found[0]) if found else None
+
+
+def _vxlan_matches(link: Any, spec: VxlanSpec, underlay_index: int | None) -> bool:
+    info = link.get_attr("IFLA_LINKINFO")
+    if info is None or info.get_attr("IFLA_INFO_KIND") != "vxlan":
+        return False
+    data = info.get_attr("IFLA_INFO_DATA")
+    local = data.get_attr("IFLA_VXLAN_LOCAL") or data.get_attr("IFLA_VXLAN_LOCAL6")
+    ports = data.get_attr("IFLA_VXLAN_PORT_RANGE") or {}
+    return bool(
+        data.get_attr("IFLA_VXLAN_ID") == spec.vni
+        and data.get_attr("IFLA_VXLAN_PORT") == spec.port
+        and ports.get("low") == spec.port
+        and ports.get("high") == spec.port + 1
+        and local == str(spec.local)
+        and (underlay_index is None or data.get_attr("IFLA_VXLAN_LINK") == underlay_index)
+    )
+
+
+def ensure_vxlan(netns: str | None, spec: VxlanSpec) -> None:
+    """Create (or reuse a matching) VXLAN device, set MTU and addresses, bring it up.
+
+    The device learns nothing and has no remote: it sends only where an FDB entry
+    points, and there is none until ``set_peer``. That keeps the pod end mute.
+    """
+    with netlink(netns) as ipr:
+        underlay_index = _index(ipr, spec.underlay) if spec.underlay else None
+        if spec.underlay and underlay_index is None:
+            raise KernelError(f"underlay device {spec.underlay!r} does not exist in {netns or 'this namespace'}")
+        index = _index(ipr, spec.name)
+        if index is not None and not _vxlan_matches(ipr.link("get", index=index)[0], spec, underlay_index):
+            _delete(ipr, spec.name)
+            index = None
+        if index is None:
+            _create(ipr, spec, underlay_index)
+            index = _index(ipr, spec.name)
+        _kernel(lambda: ipr.link("set", index=index, mtu=spec.mtu), f"setting MTU {spec.mtu} on {spec.name}")
+        for address in spec.addresses:
+            _ensure_address(ipr, index, address)
+        _kernel(lambda: ipr.link("set", index=index, state="up"), f"bringing {spec.name} up")
+
+
+def _create(ipr: Any, spec: VxlanSpec, underlay_index: int | None) -> None:
+    local_key = "vxlan_local" if spec.local.version == 4 else "vxlan_local6"
+    attrs: dict[str, Any] = {
+        "ifname": spec.name,
+        "kind": "vxlan",
+        "vxlan_id": spec.vni,
+        "vxlan_port": spec.port,
+        "vxlan_port_range": {"low": spec.port, "high": spec.port + 1},
+        "vxlan_learning": 0,
+        local_key: str(spec.local),
+    }
+    if underlay_index is not None:
+        attrs["vxlan_link"] = underlay_index
+    _kernel(lambda: ipr.link("add", **attrs), f"creating VXLAN device {spec.name} (VNI {spec.vni})")
+
+
+def _ensure_address(ipr: Any, index: int, address: IPInterface) -> None:
+    try:
+        ipr.addr(
+            "add",
+            index=index,
+            address=str(address.ip),
+            prefixlen=address.network.prefixlen,
+            flags=IFA_F_NODAD if address.version == 6 else 0,
+        )
+    except NetlinkError as exc:
+        if exc.code != errno.EEXIST:
+            raise KernelError(f"adding address {address}: {exc}") from None
+
+
+def _kernel(action: Any, what: str) -> Any:
+    try:
+        return action()
+    except NetlinkError as exc:
+        raise KernelError(f"{what}: {exc.args[1] if len(exc.args) > 1 else exc}") from None
+
+
+def set_peer(netns: str | None, name: str, peer: Endpoint | None) -> None:
+    """Point the device's default forwarding entry at ``peer``, or withdraw it (None).
+
+    The entry carries the peer's own UDP port: that is what makes port-rewriting
+    NATs and NodePorts work, where the original needed one fixed port end to end.
+    """
+    with netlink(netns) as ipr:
+        index = _index(ipr, name)
+        if index is None:
+            raise KernelError(f"device {name} vanished from {netns or 'this namespace'}")
+        for entry in ipr.fdb("dump", ifindex=index):
+            if entry.get_attr("NDA_LLADDR") == ZERO_MAC:
+                _fdb_delete(ipr, index, entry.get_attr("NDA_DST"))
+        if peer is not None:
+            _kernel(
+                lambda: ipr.fdb(
+                    "append", ifindex=index, lladdr=ZERO_MAC, dst=str(peer.address), port=peer.port
+                ),
+                f"pointing {name} at {peer}",
+            )
+
+
+def _fdb_delete(ipr: Any, index: int, dst: str) -> None:
+    try:
+        ipr.fdb("del", ifindex=index, lladdr=ZERO_MAC, dst=dst)
+    except NetlinkError as exc:
+        if exc.code != errno.ENOENT:
+            raise KernelError(f"removing forwarding entry to {dst}: {exc}") from None
+
+
+def delete_link(netns: str | None, name: str) -> None:
+    """Remove a link; one that is already gone (or whose namespace is) is success."""
+    try:
+        with netlink(netns) as ipr:
+            _delete(ipr, name)
+    except KernelError:
+        return
+
+
+def _delete(ipr: Any, name: str) -> None:
+    index = _index(ipr, name)
+    if index is None:
+        return
+    try:
+        ipr.link("del", index=index)
+    except NetlinkError as exc:
+        if exc.code not in (errno.ENODEV, errno.ENOENT):
+            raise KernelError(f"removing link {name}: {exc}") from None
+
+
+def link_exists(netns: str | None, name: str) -> bool:
+    with netlink(netns) as ipr:
+        return _index(ipr, name) is not None
+
+
+def link_state(netns: str | None, name: str) -> LinkState | None:
+    """Counters, addresses and FDB of a link, or None if it does not exist."""
+    with netlink(netns) as ipr:
+        index = _index(ipr, name)
+        if index is None:
+            return None
+        link = ipr.link("get", index=index)[0]
+        stats = dict(link.get_attr("IFLA_STATS64") or {})
+        addresses = tuple(
+            f"{a.get_attr('IFA_ADDRESS')}/{a['prefixlen']}" for a in ipr.addr("dump", index=index)
+        )
+        fdb = tuple(
+            f"{e.get_attr('NDA_LLADDR')}->{e.get_attr('NDA_DST')}:{e.get_attr('NDA_PORT') or '-'}"
+            for e in ipr.fdb("dump", ifindex=index)
+            if e.get_attr("NDA_DST")
+        )
+        return LinkState(
+            name=name,
+            state=str(link.get_attr("IFLA_OPERSTATE")),
+            mtu=int(link.get_attr("IFLA_MTU")),
+            stats={k: int(v) for k, v in stats.items()},
+            addresses=addresses,
+            fdb=fdb,
+        )
+
+
+@dataclass(frozen=True)
+class Route:
+    """How this host reaches an address: source address, device and its MTU."""
+
+    source: IPAddress
+    dev: str
+    mtu: int
+
+
+def route_to(netns: str | None, destination: IPAddress) -> Route:
+    """Ask the kernel how it would reach ``destination``."""
+    family = socket.AF_INET if destination.version == 4 else socket.AF_INET6
+    with netlink(netns) as ipr:
+        try:
+            route = ipr.route("get", dst=str(destination), family=family)[0]
+        except NetlinkError as exc:
+            raise KernelError(
+                f"no route to {destination} ({exc.args[1] if len(exc.args) > 1 else exc});"
+                " check the Service address and this host's routing"
+            ) from None
+        oif = route.get_attr("RTA_OIF")
+        source = route.get_attr("RTA_PREFSRC")
+        link = ipr.link("get", index=oif)[0]
+        mtu = int(link.get_attr("IFLA_MTU"))
+        metrics = route.get_attr("RTA_METRICS")
+        if metrics is not None and metrics.get_attr("RTAX_MTU"):
+            mtu = min(mtu, int(metrics.get_attr("RTAX_MTU")))
+    if source is None:
+        raise KernelError(f"the route to {destination} has no source address; add an address on its device")
+    return Route(ipaddress.ip_address(source), str(link.get_attr("IFLA_IFNAME")), mtu)
+
+
+def link_mtu(netns: str | None, name: str) -> int:
+    with netlink(netns) as ipr:
+        index = _index(ipr, name)
+        if index is None:
+            raise KernelError(f"device {name!r} does not exist; check --underlay-dev")
+        return int(ipr.link("get", index=index)[0].get_attr("IFLA_MTU"))

@@ -1,0 +1,357 @@
+"""The built-in lab: the path a tunnel takes into a real cluster, in network namespaces.
+
+    this namespace (external host)
+      | svt<id>-lan                 198.18.K.0/30    fd5e:c7:K:1::/64
+    home router  (masquerade; rewrites source ports unless told not to)
+      | wan                         198.18.K.4/30    fd5e:c7:K:2::/64
+    WAN router   (routes the load-balancer address to the node)
+      | node                        198.18.K.8/30    fd5e:c7:K:3::/64
+    node         (kube-proxy: DNAT LB:port -> pod:port, source kept;
+      |           CNI: masquerade pod egress to the node address)
+      | pod                         198.18.K.12/30   fd5e:c7:K:4::/64
+    pod          (runs `svctunnel agent`)
+
+K is a per-run block, so two labs can live side by side. Every namespace and
+root-namespace link is named with the run id, and ``down`` removes them all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import device, netns, nft
+from .errors import LabError, SvcTunnelError
+from .protocol import Endpoint, IPAddress
+from .runs import Run, all_runs
+from .waiting import Deadline, wait_for
+
+ROLES = ("home", "wan", "node", "pod")
+_AGENT_LOG = "agent.log"
+_LAB_FILE = "lab.json"
+NAT_PORTS = (20000, 29999)
+_FORWARDING = {"net.ipv4.ip_forward": "1", "net.ipv6.conf.all.forwarding": "1"}
+_NO_DAD = {"net.ipv6.conf.all.accept_dad": "0", "net.ipv6.conf.default.accept_dad": "0"}
+
+
+@dataclass(frozen=True)
+class LabPlan:
+    """Names and addresses of one lab, derived from the run id and its block K."""
+
+    run_id: str
+    block: int
+    port: int = 5533
+    rewrite_ports: bool = True
+
+    def ns(self, role: str) -> str:
+        return f"svt-{self.run_id}-{role}"
+
+    @property
+    def lan_link(self) -> str:
+        return f"svt{self.run_id}-lan"
+
+    def v4(self, host: int) -> ipaddress.IPv4Address:
+        return ipaddress.IPv4Address(f"198.18.{self.block}.{host}")
+
+    def v6(self, segment: int, host: int) -> ipaddress.IPv6Address:
+        return ipaddress.IPv6Address(f"fd5e:c7:{self.block:x}:{segment:x}::{host:x}")
+
+    def address(self, version: int, segment: int, host: int) -> IPAddress:
+        """Segment 1..4 (lan, wan, node, pod); host 1 or 2 within it."""
+        return self.v4(4 * (segment - 1) + host) if version == 4 else self.v6(segment, host)
+
+    def prefix(self, version: int) -> int:
+        return 30 if version == 4 else 64
+
+    def service(self, version: int = 4) -> Endpoint:
+        """The load-balancer address and port of the tunnel's Service."""
+        address = self.v4(100) if version == 4 else self.v6(0xFF, 0x100)
+        return Endpoint(address, self.port)
+
+    def pod_address(self, version: int) -> IPAddress:
+        return self.address(version, 4, 2)
+
+    def public_address(self, version: int) -> IPAddress:
+        """The home router's WAN address: what the pod sees as the external end's address."""
+        return self.address(version, 2, 1)
+
+    def external_address(self, version: int) -> IPAddress:
+        return self.address(version, 1, 2)
+
+
+# (namespace role or None for this one, its device, peer role, peer device, segment, host, peer host)
+def _links(plan: LabPlan) -> list[tuple[str | None, str, str, str, int, int, int]]:
+    return [
+        (None, plan.lan_link, "home", "lan", 1, 2, 1),
+        ("home", "wan", "wan", "home", 2, 1, 2),
+        ("wan", "node", "node", "wan", 3, 1, 2),
+        ("node", "pod", "pod", "eth0", 4, 1, 2),
+    ]
+
+
+def _routes(plan: LabPlan, version: int) -> list[tuple[str | None, str, IPAddress]]:
+    """(namespace role, destination, gateway) for every static route."""
+    default = "0.0.0.0/0" if version == 4 else "::/0"
+    service = f"{plan.service(version).address}/{32 if version == 4 else 128}"
+    return [
+        (None, service, plan.address(version, 1, 1)),
+        ("home", default, plan.address(version, 2, 2)),
+        ("wan", service, plan.address(version, 3, 2)),
+        ("node", default, plan.address(version, 3, 1)),
+        ("pod", default, plan.address(version, 4, 1)),
+    ]
+
+
+def home_rules(plan: LabPlan) -> str:
+    ports = f" to :{NAT_PORTS[0]}-{NAT_PORTS[1]} random" if plan.rewrite_ports else ""
+    l4 = "meta l4proto { tcp, udp } " if plan.rewrite_ports else ""
+    body = (
+        "  chain postrouting {\n    type nat hook postrouting priority srcnat; policy accept;\n"
+        f'    oifname "wan" {l4}masquerade{ports}\n'
+        f'    oifname "wan" masquerade\n  }}'
+    )
+    return nft.replace_table("inet", "svtlab", body)
+
+
+def node_rules(plan: LabPlan) -> str:
+    """What kube-proxy programs for a UDP LoadBalancer Service with externalTrafficPolicy
+    Local (DNAT to the local endpoint, source kept), and what a CNI does for pod egress."""
+    lines = []
+    for version, ip in ((4, "ip"), (6, "ip6")):
+        svc = plan.service(version)
+        pod = plan.pod_address(version)
+        target = f"{pod}:{plan.port}" if version == 4 else f"[{pod}]:{plan.port}"
+        lines.append(f"    {ip} daddr {svc.address} udp dport {svc.port} dnat {ip} to {target}")
+    pre = "\n".join(lines)
+    post = "\n".join(
+        f'    oifname "wan" {ip} saddr {plan.address(v, 4, 0) if v == 6 else plan.v4(12)}/{plan.prefix(v)} masquerade'
+        for v, ip in ((4, "ip"), (6, "ip6"))
+    )
+    body = (
+        "  chain prerouting {\n    type nat hook prerouting priority dstnat; policy accept;\n"
+        f"{pre}\n  }}\n"
+        "  chain postrouting {\n    type nat hook postrouting priority srcnat; policy accept;\n"
+        f"{post}\n  }}"
+    )
+    return nft.replace_table("inet", "svtlab", body)
+
+
+def _pick_block(run_id: str) -> int:
+    used = set()
+    for run in all_runs():
+        data = run.read(_LAB_FILE)
+        if data and run.id != run_id:
+            used.add(int(data["block"]))
+    block = 1 + int(run_id, 16) % 250
+    while block in used:
+        block = block % 250 + 1
+    return block
+
+
+class Lab:
+    """A lab of one run: ``up`` builds it, ``start_agent`` runs the pod end, ``down`` removes all.
+
+    Works without pytest; ``svctunnel lab`` and the plugin's lab backend both use it.
+    """
+
+    def __init__(self, run: Run, port: int = 5533, rewrite_ports: bool = True) -> None:
+        self.run = run
+        saved = run.read(_LAB_FILE)
+        if saved:
+            self.plan = LabPlan(run.id, int(saved["block"]), int(saved["port"]), bool(saved["rewrite_ports"]))
+        else:
+            self.plan = LabPlan(run.id, _pick_block(run.id), port, rewrite_ports)
+        self.agent: subprocess.Popen[bytes] | None = None
+
+    @property
+    def agent_log(self) -> Path:
+        return self.run.dir / _AGENT_LOG
+
+    # -- building --------------------------------------------------------------
+
+    def up(self, timeout: float = 60.0) -> None:
+        """Build the topology; on any failure, remove what was built and re-raise."""
+        with ExitStack() as undo:
+            undo.callback(self.down, timeout)
+            self._save()
+            for role in ROLES:
+                netns.create(self.plan.ns(role))
+                netns.sysctl(self.plan.ns(role), _NO_DAD)
+            for role in ("home", "wan", "node"):
+                netns.sysctl(self.plan.ns(role), _FORWARDING)
+            self._wire()
+            nft.apply(home_rules(self.plan), self.plan.ns("home"))
+            nft.apply(node_rules(self.plan), self.plan.ns("node"))
+            undo.pop_all()
+
+    def _save(self) -> None:
+        p = self.plan
+        self.run.write(_LAB_FILE, {"block": p.block, "port": p.port, "rewrite_ports": p.rewrite_ports})
+
+    def _role_ns(self, role: str | None) -> str | None:
+        return self.plan.ns(role) if role else None
+
+    def _wire(self) -> None:
+        for role, dev, peer_role, peer_dev, segment, host, peer_host in _links(self.plan):
+            with device.netlink(self._role_ns(role)) as ipr:
+                ipr.link("add", ifname=dev, kind="veth", peer={"ifname": peer_dev, "net_ns_fd": self.plan.ns(peer_role)})
+            if role is None:
+                Path(f"/proc/sys/net/ipv6/conf/{dev}/accept_dad").write_text("0")
+            self._address(role, dev, segment, host)
+            self._address(peer_role, peer_dev, segment, peer_host)
+        for version in (4, 6):
+            for role, destination, gateway in _routes(self.plan, version):
+                with device.netlink(self._role_ns(role)) as ipr:
+                    ipr.route("add", dst=destination, gateway=str(gateway))
+
+    def _address(self, role: str | None, dev: str, segment: int, host: int) -> None:
+        with device.netlink(self._role_ns(role)) as ipr:
+            index = ipr.link_lookup(ifname=dev)[0]
+            for version in (4, 6):
+                address = self.plan.address(version, segment, host)
+                ipr.addr("add", index=index, address=str(address), prefixlen=self.plan.prefix(version),
+                         flags=device.IFA_F_NODAD if version == 6 else 0)
+            ipr.link("set", index=index, state="up")
+            if role is not None:
+                lo = ipr.link_lookup(ifname="lo")[0]
+                ipr.link("set", index=lo, state="up")
+
+    # -- the pod end -------------------------------------------------------------
+
+    def start_agent(self, key_file: Path, peer: IPAddress | None = None, timeout: float = 30.0,
+                    extra: Sequence[str] = ()) -> subprocess.Popen[bytes]:
+        """Start ``svctunnel agent`` in the pod namespace; returns once it listens."""
+        argv = ["ip", "netns", "exec", self.plan.ns("pod"), sys.executable, "-m", "pytest_svctunnel",
+                "agent", "--key-file", str(key_file), "--port", str(self.plan.port), *extra]
+        if peer is not None:
+            argv += ["--peer", str(peer)]
+        with self.agent_log.open("ab") as log:
+            self.agent = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                          start_new_session=True)
+        self.run.write("agent.json", {"pid": self.agent.pid})
+        wait_for(self._agent_listening, phase="agent start", deadline=Deadline.after(timeout),
+                 describe=lambda: self.log_tail(5) or "no output", hint="see the agent log in the diagnostics")
+        return self.agent
+
+    def _agent_listening(self) -> bool | None:
+        if self.agent is not None and self.agent.poll() is not None:
+            raise LabError(f"the agent exited with {self.agent.returncode}:\n{self.log_tail(20)}")
+        return True if "listening on UDP port" in self.log_text() else None
+
+    def stop_agent(self, timeout: float = 10.0) -> None:
+        """SIGTERM the agent and wait; SIGKILL if it does not stop in time."""
+        pid = self._agent_pid()
+        if pid is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        if self.agent is not None:
+            try:
+                self.agent.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.agent.kill()
+                self.agent.wait(timeout)
+        else:
+            _wait_gone(pid, timeout)
+        self.agent = None
+        (self.run.dir / "agent.json").unlink(missing_ok=True)
+
+    def _agent_pid(self) -> int | None:
+        if self.agent is not None:
+            return self.agent.pid
+        data = self.run.read("agent.json")
+        return int(data["pid"]) if data else None
+
+    def log_text(self) -> str:
+        try:
+            return self.agent_log.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log_text().splitlines()[-lines:])
+
+    # -- removal and inspection ---------------------------------------------------
+
+    def down(self, timeout: float = 30.0) -> None:
+        """Stop the agent, remove every namespace and link of the run, and wait until gone."""
+        errors: list[str] = []
+        with contextlib.suppress(SvcTunnelError, OSError):
+            self.stop_agent(min(timeout, 10.0))
+        for role in ROLES:
+            try:
+                netns.remove(self.plan.ns(role))
+            except SvcTunnelError as exc:
+                errors.append(str(exc))
+        device.delete_link(None, self.plan.lan_link)
+        wait_for(lambda: None if device.link_exists(None, self.plan.lan_link) else True,
+                 phase="lab removal", deadline=Deadline.after(timeout),
+                 describe=lambda: f"{self.plan.lan_link} still exists")
+        if errors:
+            raise LabError("; ".join(errors))
+
+    def exists(self) -> bool:
+        return any(netns.exists(self.plan.ns(r)) for r in ROLES)
+
+    def conntrack(self, role: str) -> str:
+        """The UDP conntrack table of one namespace (needs the conntrack tool)."""
+        return netns.run(self.plan.ns(role), ["conntrack", "-L", "-p", "udp"], check=False)
+
+    def link_report(self, role: str) -> str:
+        """Link state and counters of the VXLAN devices in one lab namespace."""
+        with device.netlink(self.plan.ns(role)) as ipr:
+            names = [str(link.get_attr("IFLA_IFNAME")) for link in ipr.get_links()
+                     if _kind(link) == "vxlan"]
+        states = [device.link_state(self.plan.ns(role), name) for name in names]
+        return "\n".join(s.render() for s in states if s) or "(no tunnel devices)"
+
+    def status(self) -> str:
+        p = self.plan
+        alive = self._agent_pid()
+        lines = [
+            f"run {p.run_id}: block {p.block}, namespaces "
+            + ", ".join(f"{p.ns(r)}{'' if netns.exists(p.ns(r)) else ' (missing)'}" for r in ROLES),
+            f"service {p.service(4)} and {p.service(6)}; pod {p.pod_address(4)}; "
+            f"home router WAN {p.public_address(4)} ({'rewrites ports' if p.rewrite_ports else 'keeps ports'})",
+            f"agent pid {alive if alive and _alive(alive) else '-'}; log {self.agent_log}",
+        ]
+        return "\n".join(lines)
+
+
+def _kind(link: Any) -> str | None:
+    info = link.get_attr("IFLA_LINKINFO")
+    return info.get_attr("IFLA_INFO_KIND") if info is not None else None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _wait_gone(pid: int, timeout: float) -> None:
+    end = time.monotonic() + timeout
+    while _alive(pid) and time.monotonic() < end:
+        time.sleep(0.05)
+    if _alive(pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def lab_runs() -> Iterator[Run]:
+    """Runs that have a lab description in their state directory."""
+    return (run for run in all_runs() if run.read(_LAB_FILE) is not None)

@@ -1,0 +1,72 @@
+"""nftables rulesets, applied atomically with ``nft -f -``.
+
+The agent's filter keeps the tunnel port closed to everyone but the current
+authenticated peer, so strangers' datagrams never reach the VXLAN device, and
+handshake datagrams (already copied to the hello tap) go no further either.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+from .errors import KernelError
+from .protocol import Endpoint
+
+_NFT_TIMEOUT_S = 10.0
+
+
+def nft_binary() -> str:
+    path = shutil.which("nft")
+    if path is None:
+        raise KernelError(
+            "the 'nft' command is missing; install nftables (Debian/Ubuntu: apt-get install nftables)"
+        )
+    return path
+
+
+def ns_prefix(netns: str | None) -> list[str]:
+    """The argv prefix that runs a command in ``netns`` (empty for this namespace)."""
+    return ["ip", "netns", "exec", netns] if netns else []
+
+
+def apply(ruleset: str, netns: str | None = None) -> None:
+    """Load ``ruleset`` in one transaction: all of it or none."""
+    argv = [*ns_prefix(netns), nft_binary(), "-f", "-"]
+    try:
+        done = subprocess.run(
+            argv, input=ruleset, capture_output=True, text=True, timeout=_NFT_TIMEOUT_S, check=False
+        )
+    except subprocess.TimeoutExpired:
+        raise KernelError(f"nft did not finish within {_NFT_TIMEOUT_S:g} s in {netns or 'this namespace'}") from None
+    if done.returncode != 0:
+        raise KernelError(f"nft failed in {netns or 'this namespace'}: {done.stderr.strip()}\n{ruleset}")
+
+
+def replace_table(family: str, name: str, body: str) -> str:
+    """A ruleset that swaps in a new version of one table atomically."""
+    return f"table {family} {name}\ndelete table {family} {name}\ntable {family} {name} {{\n{body}\n}}\n"
+
+
+def delete_table(family: str, name: str, netns: str | None = None) -> None:
+    """Remove a table; one that is already gone is success."""
+    apply(f"table {family} {name}\ndelete table {family} {name}\n", netns)
+
+
+def filter_table(port: int) -> str:
+    return f"svctunnel_{port}"
+
+
+def pod_filter(port: int, peer: Endpoint | None) -> str:
+    """The agent's input filter for the tunnel port."""
+    rules = []
+    if peer is not None:
+        ip = "ip" if peer.address.version == 4 else "ip6"
+        rules.append(f"    udp dport {port} {ip} saddr {peer.address} udp sport {peer.port} accept")
+    rules.append(f"    udp dport {port} counter drop")
+    body = (
+        "  chain input {\n    type filter hook input priority -150; policy accept;\n"
+        + "\n".join(rules)
+        + "\n  }"
+    )
+    return replace_table("inet", filter_table(port), body)

@@ -1,0 +1,347 @@
+"""The handshake wire protocol: pure functions over bytes.
+
+Four messages open a tunnel, all HMAC-SHA256 authenticated with the session key:
+
+1. HELLO (external -> pod): which networks to build, sent from the external end's
+   tunnel source port to the Service address. It opens the flow through every NAT
+   and load balancer on the way.
+2. CHALLENGE (pod -> external): a fresh nonce, plus the address and port the pod
+   saw the hello come from (after all NAT).
+3. CONFIRM (external -> pod): the nonce back. Only now does the pod commit to the
+   sender as its peer, so a replayed or raced hello can never move the tunnel.
+4. ACK (pod -> external): the networks are built; the pod's view of the peer.
+
+Layout: a fixed 32-byte header, a type-specific body of fixed size, and a 32-byte
+MAC over both. The MAC is checked in constant time before the body is parsed.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import hmac
+import ipaddress
+import struct
+from dataclasses import dataclass
+from typing import Union
+
+MAGIC = b"SVTN"
+VERSION = 1
+MAC_LEN = 32
+MAX_NETWORKS = 16
+MAX_DEV_NAME = 15
+NONCE_LEN = 16
+SESSION_LEN = 8
+
+_HEADER = struct.Struct("!4sBBH8sQQ")  # magic, version, type, body length, session, counter, ms
+_NETWORK = struct.Struct("!IB4sB16s16s")  # vni, v4 plen, v4, v6 plen, v6, device name
+_ENDPOINT = struct.Struct("!B16sH")  # family (4/6), address (padded), port
+_ABSENT = 0xFF
+
+HEADER_LEN = _HEADER.size
+MAX_DATAGRAM = HEADER_LEN + 3 + MAX_NETWORKS * _NETWORK.size + MAC_LEN
+
+IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
+
+
+class MsgType(enum.IntEnum):
+    HELLO = 1
+    CHALLENGE = 2
+    CONFIRM = 3
+    ACK = 4
+
+
+class Reject(enum.Enum):
+    """Why a datagram was refused; the agent counts these."""
+
+    TRUNCATED = "truncated"
+    OVERSIZED = "oversized"
+    MAGIC = "bad-magic"
+    VERSION = "wrong-version"
+    TYPE = "unknown-type"
+    LENGTH = "bad-length"
+    MAC = "bad-mac"
+    BODY = "bad-body"
+    STALE = "stale"
+    REPLAY = "replayed"
+    PEER = "unexpected-peer"
+    UNSOLICITED = "unsolicited"
+
+
+class ProtocolError(ValueError):
+    """A datagram that is not a valid message; ``reason`` says which check failed."""
+
+    def __init__(self, reason: Reject, detail: str = "") -> None:
+        self.reason = reason
+        super().__init__(f"{reason.value}: {detail}" if detail else reason.value)
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """An address and UDP port as one end saw it."""
+
+    address: IPAddress
+    port: int
+
+    def __str__(self) -> str:
+        if self.address.version == 6:
+            return f"[{self.address}]:{self.port}"
+        return f"{self.address}:{self.port}"
+
+
+@dataclass(frozen=True)
+class PodNetwork:
+    """One network the pod end is asked to build."""
+
+    vni: int
+    dev: str
+    ipv4: ipaddress.IPv4Interface | None
+    ipv6: ipaddress.IPv6Interface | None
+
+
+@dataclass(frozen=True)
+class Hello:
+    mtu: int
+    networks: tuple[PodNetwork, ...]
+
+
+@dataclass(frozen=True)
+class Challenge:
+    nonce: bytes
+    observed: Endpoint
+
+
+@dataclass(frozen=True)
+class Confirm:
+    nonce: bytes
+
+
+@dataclass(frozen=True)
+class Ack:
+    observed: Endpoint
+    mtu: int
+    built: int
+
+
+Body = Union[Hello, Challenge, Confirm, Ack]
+_BODY_TYPES: dict[type, MsgType] = {
+    Hello: MsgType.HELLO,
+    Challenge: MsgType.CHALLENGE,
+    Confirm: MsgType.CONFIRM,
+    Ack: MsgType.ACK,
+}
+
+
+@dataclass(frozen=True)
+class Message:
+    """A decoded, authenticated message."""
+
+    session: bytes
+    counter: int
+    timestamp_ms: int
+    body: Body
+
+    @property
+    def type(self) -> MsgType:
+        return _BODY_TYPES[type(self.body)]
+
+
+# -- encoding -----------------------------------------------------------------
+
+
+def _encode_endpoint(endpoint: Endpoint) -> bytes:
+    packed = endpoint.address.packed.ljust(16, b"\0")
+    return _ENDPOINT.pack(endpoint.address.version, packed, endpoint.port)
+
+
+def _encode_network(net: PodNetwork) -> bytes:
+    name = net.dev.encode("ascii")
+    v4 = net.ipv4
+    v6 = net.ipv6
+    return _NETWORK.pack(
+        net.vni,
+        v4.network.prefixlen if v4 else _ABSENT,
+        v4.ip.packed if v4 else bytes(4),
+        v6.network.prefixlen if v6 else _ABSENT,
+        v6.ip.packed if v6 else bytes(16),
+        name.ljust(16, b"\0"),
+    )
+
+
+def _encode_body(body: Body) -> bytes:
+    if isinstance(body, Hello):
+        nets = b"".join(_encode_network(n) for n in body.networks)
+        return struct.pack("!HB", body.mtu, len(body.networks)) + nets
+    if isinstance(body, Challenge):
+        return body.nonce + _encode_endpoint(body.observed)
+    if isinstance(body, Confirm):
+        return body.nonce
+    return _encode_endpoint(body.observed) + struct.pack("!HB", body.mtu, body.built)
+
+
+def encode(message: Message, key: bytes) -> bytes:
+    """Serialize and sign ``message``. Raises ValueError on out-of-range fields."""
+    validate(message)
+    body = _encode_body(message.body)
+    header = _HEADER.pack(
+        MAGIC, VERSION, message.type, len(body), message.session, message.counter,
+        message.timestamp_ms,
+    )
+    signed = header + body
+    return signed + _mac(key, signed)
+
+
+def _mac(key: bytes, data: bytes) -> bytes:
+    return hmac.new(key, data, hashlib.sha256).digest()
+
+
+def validate(message: Message) -> None:
+    """Check the field ranges that encode relies on."""
+    if len(message.session) != SESSION_LEN:
+        raise ValueError("session id must be 8 bytes")
+    if not 0 <= message.counter < 2**64 or not 0 <= message.timestamp_ms < 2**64:
+        raise ValueError("counter and timestamp must fit in 64 bits")
+    body = message.body
+    if isinstance(body, Hello):
+        if not 1 <= len(body.networks) <= MAX_NETWORKS:
+            raise ValueError(f"a hello carries 1 to {MAX_NETWORKS} networks")
+        for net in body.networks:
+            _validate_network(net)
+    if isinstance(body, (Challenge, Confirm)) and len(body.nonce) != NONCE_LEN:
+        raise ValueError("nonce must be 16 bytes")
+    if isinstance(body, (Hello, Ack)) and not 68 <= body.mtu <= 65535:
+        raise ValueError("mtu must be 68..65535")
+
+
+def _validate_network(net: PodNetwork) -> None:
+    if not 1 <= net.vni <= 0xFFFFFF:
+        raise ValueError(f"VNI {net.vni} is outside 1..16777215")
+    if not valid_dev_name(net.dev):
+        raise ValueError(f"device name {net.dev!r} is not a valid interface name")
+
+
+def valid_dev_name(name: str) -> bool:
+    """Linux interface names: 1..15 printable ASCII, no '/', ':' or white space."""
+    return (
+        0 < len(name) <= MAX_DEV_NAME
+        and name.isascii()
+        and name.isprintable()
+        and not any(c in name for c in "/: \t")
+        and name not in (".", "..")
+    )
+
+
+# -- decoding -----------------------------------------------------------------
+
+
+def decode(datagram: bytes, key: bytes) -> Message:
+    """Authenticate and parse one datagram; raises ProtocolError only."""
+    if len(datagram) < HEADER_LEN + MAC_LEN:
+        raise ProtocolError(Reject.TRUNCATED, f"{len(datagram)} bytes")
+    if len(datagram) > MAX_DATAGRAM:
+        raise ProtocolError(Reject.OVERSIZED, f"{len(datagram)} bytes")
+    magic, version, mtype, body_len, session, counter, stamp = _HEADER.unpack_from(datagram)
+    if magic != MAGIC:
+        raise ProtocolError(Reject.MAGIC)
+    if version != VERSION:
+        raise ProtocolError(Reject.VERSION, f"version {version}, expected {VERSION}")
+    if mtype not in MsgType._value2member_map_:
+        raise ProtocolError(Reject.TYPE, f"type {mtype}")
+    if HEADER_LEN + body_len + MAC_LEN != len(datagram):
+        raise ProtocolError(Reject.LENGTH, f"body length {body_len} for {len(datagram)} bytes")
+    signed, mac = datagram[:-MAC_LEN], datagram[-MAC_LEN:]
+    if not hmac.compare_digest(_mac(key, signed), mac):
+        raise ProtocolError(Reject.MAC)
+    body = _decode_body(MsgType(mtype), signed[HEADER_LEN:])
+    return Message(session, counter, stamp, body)
+
+
+def _decode_body(mtype: MsgType, raw: bytes) -> Body:
+    try:
+        if mtype is MsgType.HELLO:
+            return _decode_hello(raw)
+        if mtype is MsgType.CHALLENGE:
+            _expect_len(raw, NONCE_LEN + _ENDPOINT.size)
+            return Challenge(raw[:NONCE_LEN], _decode_endpoint(raw[NONCE_LEN:]))
+        if mtype is MsgType.CONFIRM:
+            _expect_len(raw, NONCE_LEN)
+            return Confirm(raw)
+        _expect_len(raw, _ENDPOINT.size + 3)
+        mtu, built = struct.unpack_from("!HB", raw, _ENDPOINT.size)
+        _check_mtu(mtu)
+        return Ack(_decode_endpoint(raw[: _ENDPOINT.size]), mtu, built)
+    except (ValueError, struct.error, UnicodeDecodeError) as exc:
+        if isinstance(exc, ProtocolError):
+            raise
+        raise ProtocolError(Reject.BODY, str(exc)) from None
+
+
+def _expect_len(raw: bytes, size: int) -> None:
+    if len(raw) != size:
+        raise ProtocolError(Reject.BODY, f"body of {len(raw)} bytes, expected {size}")
+
+
+def _check_mtu(mtu: int) -> None:
+    if mtu < 68:
+        raise ProtocolError(Reject.BODY, f"mtu {mtu} below 68")
+
+
+def _decode_hello(raw: bytes) -> Hello:
+    if len(raw) < 3:
+        raise ProtocolError(Reject.BODY, "hello body too short")
+    mtu, count = struct.unpack_from("!HB", raw)
+    _check_mtu(mtu)
+    if not 1 <= count <= MAX_NETWORKS:
+        raise ProtocolError(Reject.BODY, f"{count} networks")
+    _expect_len(raw, 3 + count * _NETWORK.size)
+    nets = tuple(
+        _decode_network(raw[3 + i * _NETWORK.size : 3 + (i + 1) * _NETWORK.size])
+        for i in range(count)
+    )
+    if len({n.vni for n in nets}) != count or len({n.dev for n in nets}) != count:
+        raise ProtocolError(Reject.BODY, "duplicate VNI or device name")
+    return Hello(mtu, nets)
+
+
+def _decode_network(raw: bytes) -> PodNetwork:
+    vni, plen4, addr4, plen6, addr6, name = _NETWORK.unpack(raw)
+    dev = name.rstrip(b"\0").decode("ascii")
+    net = PodNetwork(
+        vni=vni,
+        dev=dev,
+        ipv4=_decode_iface(4, plen4, addr4),
+        ipv6=_decode_iface(6, plen6, addr6),
+    )
+    try:
+        _validate_network(net)
+    except ValueError as exc:
+        raise ProtocolError(Reject.BODY, str(exc)) from None
+    return net
+
+
+def _decode_iface(
+    version: int, plen: int, packed: bytes
+) -> ipaddress.IPv4Interface | ipaddress.IPv6Interface | None:
+    if plen == _ABSENT:
+        return None
+    if plen > (32 if version == 4 else 128):
+        raise ProtocolError(Reject.BODY, f"prefix length {plen}")
+    address = ipaddress.ip_address(packed)
+    return ipaddress.ip_interface(f"{address}/{plen}")
+
+
+def _decode_endpoint(raw: bytes) -> Endpoint:
+    family, packed, port = _ENDPOINT.unpack(raw)
+    if family == 4 and packed[4:] == bytes(12):
+        return Endpoint(ipaddress.IPv4Address(packed[:4]), port)
+    if family == 6:
+        return Endpoint(ipaddress.IPv6Address(packed), port)
+    raise ProtocolError(Reject.BODY, f"endpoint family {family}")
+
+
+def peek_type(datagram: bytes) -> MsgType | None:
+    """The claimed type of an unauthenticated datagram, for routing only."""
+    if len(datagram) < HEADER_LEN or datagram[:4] != MAGIC:
+        return None
+    value = datagram[5]
+    return MsgType(value) if value in MsgType._value2member_map_ else None

@@ -1,0 +1,69 @@
+"""Run identity: every namespace, link and object a run creates carries its id.
+
+A run's state directory holds its key, agent log and lab description, so that
+``svctunnel lab down`` (or a reaper) can find exactly what the run made.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+STATE_ENV = "SVCTUNNEL_STATE_DIR"
+_DEFAULT_ROOT = "/run/svctunnel"
+
+
+def state_root() -> Path:
+    return Path(os.environ.get(STATE_ENV) or _DEFAULT_ROOT)
+
+
+@dataclass(frozen=True)
+class Run:
+    """One run: a 6-hex-digit id and its private state directory."""
+
+    id: str
+    dir: Path
+
+    @classmethod
+    def new(cls) -> Run:
+        root = state_root()
+        root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        while True:
+            run_id = secrets.token_hex(3)
+            path = root / run_id
+            try:
+                path.mkdir(mode=0o700)
+            except FileExistsError:
+                continue
+            run = cls(run_id, path)
+            run.write("owner.json", {"pid": os.getpid()})
+            return run
+
+    @classmethod
+    def existing(cls, run_id: str) -> Run:
+        return cls(run_id, state_root() / run_id)
+
+    def write(self, name: str, data: dict[str, Any]) -> None:
+        (self.dir / name).write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+
+    def read(self, name: str) -> dict[str, Any] | None:
+        try:
+            data = json.loads((self.dir / name).read_text(encoding="utf-8"))
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+        return data if isinstance(data, dict) else None
+
+    def remove(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def all_runs() -> list[Run]:
+    root = state_root()
+    if not root.is_dir():
+        return []
+    return [Run(p.name, p) for p in sorted(root.iterdir()) if p.is_dir()]

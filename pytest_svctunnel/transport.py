@@ -1,0 +1,100 @@
+"""Sockets for handshake traffic on a port the kernel's VXLAN device owns.
+
+The pod end's VXLAN socket holds the tunnel port, so the agent cannot bind it.
+It reads hellos from an AF_PACKET socket whose kernel filter passes only
+handshake datagrams, and answers through a raw UDP socket with the tunnel
+port as source, so the answer follows the flow the hello opened.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import socket
+import struct
+from types import TracebackType
+
+from .errors import PrivilegeError
+from .packets import ETH_P_ALL, UdpDatagram, build_udp, hello_filter, parse_udp
+from .protocol import Endpoint
+
+SO_ATTACH_FILTER = 26
+_RECV_SIZE = 4096
+
+
+def _family(endpoint: Endpoint) -> socket.AddressFamily:
+    return socket.AF_INET if endpoint.address.version == 4 else socket.AF_INET6
+
+
+class HelloTap:
+    """Receives handshake datagrams addressed to ``port``, on one interface or all."""
+
+    def __init__(self, port: int, ifname: str | None = None) -> None:
+        try:
+            sock = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(ETH_P_ALL))
+        except PermissionError:
+            raise PrivilegeError(
+                "opening the hello socket needs CAP_NET_RAW; give the agent NET_RAW"
+            ) from None
+        self._sock = sock
+        self._program = _attach_filter(sock, port)
+        if ifname:
+            sock.bind((ifname, ETH_P_ALL))
+        self._drain()
+
+    def _drain(self) -> None:
+        # Packets queued before the filter was attached passed no filter: drop them.
+        self._sock.setblocking(False)
+        try:
+            while True:
+                self._sock.recv(_RECV_SIZE)
+        except BlockingIOError:
+            pass
+        self._sock.setblocking(True)
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def receive(self, timeout: float) -> UdpDatagram | None:
+        """The next handshake datagram, or None after ``timeout`` seconds."""
+        self._sock.settimeout(timeout)
+        try:
+            packet = self._sock.recv(_RECV_SIZE)
+        except (socket.timeout, BlockingIOError):
+            return None
+        return parse_udp(packet)
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def __enter__(self) -> HelloTap:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def _attach_filter(sock: socket.socket, port: int) -> ctypes.Array[ctypes.c_char]:
+    insns = hello_filter(port)
+    program = ctypes.create_string_buffer(b"".join(struct.pack("HBBI", *i) for i in insns))
+    fprog = struct.pack("HL", len(insns), ctypes.addressof(program))
+    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
+    return program  # the kernel copied it, but keep the buffer alive with the socket
+
+
+def send_raw_udp(source: Endpoint, destination: Endpoint, payload: bytes) -> None:
+    """Send one UDP datagram from ``source`` (which may be a port a VXLAN device owns)."""
+    family = _family(source)
+    try:
+        sock = socket.socket(family, socket.SOCK_RAW, socket.IPPROTO_UDP)
+    except PermissionError:
+        raise PrivilegeError(
+            "sending handshake answers needs CAP_NET_RAW; give the agent NET_RAW"
+        ) from None
+    with sock:
+        sock.bind((str(source.address), 0))
+        sock.sendto(build_udp(source, destination, payload), (str(destination.address), 0))

@@ -1,0 +1,53 @@
+"""Deadlines and polling: every wait in the package goes through here."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+from .errors import WaitTimeout
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Deadline:
+    """A point in monotonic time that a phase must finish by."""
+
+    seconds: float
+    expires_at: float
+
+    @classmethod
+    def after(cls, seconds: float) -> Deadline:
+        return cls(seconds, time.monotonic() + seconds)
+
+    def remaining(self) -> float:
+        return max(0.0, self.expires_at - time.monotonic())
+
+    def expired(self) -> bool:
+        return time.monotonic() >= self.expires_at
+
+
+def wait_for(
+    check: Callable[[], T | None],
+    *,
+    phase: str,
+    deadline: Deadline,
+    describe: Callable[[], str] | None = None,
+    hint: str = "",
+    interval: float = 0.05,
+) -> T:
+    """Call ``check`` until it returns something other than None, or raise WaitTimeout.
+
+    ``describe`` reports the last state seen, for the error message.
+    """
+    while True:
+        result = check()
+        if result is not None:
+            return result
+        if deadline.expired():
+            state = describe() if describe else "condition never held"
+            raise WaitTimeout(phase, deadline.seconds, state, hint)
+        time.sleep(min(interval, max(deadline.remaining(), 0.001)))
