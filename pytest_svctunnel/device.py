@@ -218,6 +218,13 @@ def link_exists(netns: str | None, name: str) -> bool:
         return _index(ipr, name) is not None
 
 
+def links_with_prefix(netns: str | None, prefix: str) -> list[str]:
+    """Names of the links in ``netns`` that start with ``prefix`` (a run's own links)."""
+    with netlink(netns) as ipr:
+        names = [str(link.get_attr("IFLA_IFNAME")) for link in ipr.get_links()]
+    return sorted(n for n in names if n.startswith(prefix))
+
+
 def link_state(netns: str | None, name: str) -> LinkState | None:
     """Counters, addresses and FDB of a link, or None if it does not exist."""
     with netlink(netns) as ipr:

@@ -60,6 +60,10 @@ class LabPlan:
     def lan_link(self) -> str:
         return f"svt{self.run_id}-lan"
 
+    @property
+    def link_prefix(self) -> str:
+        return f"svt{self.run_id}-"
+
     def v4(self, host: int) -> ipaddress.IPv4Address:
         return ipaddress.IPv4Address(f"198.18.{self.block}.{host}")
 
@@ -69,6 +73,9 @@ class LabPlan:
     def address(self, version: int, segment: int, host: int) -> IPAddress:
         """Segment 1..4 (lan, wan, node, pod); host 1 or 2 within it."""
         return self.v4(4 * (segment - 1) + host) if version == 4 else self.v6(segment, host)
+
+    def segment(self, version: int, segment: int) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+        return ipaddress.ip_network(f"{self.address(version, segment, 0)}/{self.prefix(version)}")
 
     def prefix(self, version: int) -> int:
         return 30 if version == 4 else 64
@@ -118,7 +125,8 @@ def home_rules(plan: LabPlan) -> str:
     body = (
         "  chain postrouting {\n    type nat hook postrouting priority srcnat; policy accept;\n"
         f'    oifname "wan" {l4}masquerade{ports}\n'
-        f'    oifname "wan" masquerade\n  }}'
+        + ('    oifname "wan" masquerade\n' if plan.rewrite_ports else "")
+        + "  }"
     )
     return nft.replace_table("inet", "svtlab", body)
 
@@ -134,8 +142,7 @@ def node_rules(plan: LabPlan) -> str:
         lines.append(f"    {ip} daddr {svc.address} udp dport {svc.port} dnat {ip} to {target}")
     pre = "\n".join(lines)
     post = "\n".join(
-        f'    oifname "wan" {ip} saddr {plan.address(v, 4, 0) if v == 6 else plan.v4(12)}/{plan.prefix(v)} masquerade'
-        for v, ip in ((4, "ip"), (6, "ip6"))
+        f'    oifname "wan" {ip} saddr {plan.segment(v, 4)} masquerade' for v, ip in ((4, "ip"), (6, "ip6"))
     )
     body = (
         "  chain prerouting {\n    type nat hook prerouting priority dstnat; policy accept;\n"
@@ -293,10 +300,11 @@ class Lab:
                 netns.remove(self.plan.ns(role))
             except SvcTunnelError as exc:
                 errors.append(str(exc))
-        device.delete_link(None, self.plan.lan_link)
-        wait_for(lambda: None if device.link_exists(None, self.plan.lan_link) else True,
+        for name in device.links_with_prefix(None, self.plan.link_prefix):
+            device.delete_link(None, name)
+        wait_for(lambda: None if device.links_with_prefix(None, self.plan.link_prefix) else True,
                  phase="lab removal", deadline=Deadline.after(timeout),
-                 describe=lambda: f"{self.plan.lan_link} still exists")
+                 describe=lambda: f"links still there: {device.links_with_prefix(None, self.plan.link_prefix)}")
         if errors:
             raise LabError("; ".join(errors))
 

@@ -1,1 +1,97 @@
-def pytest_addoption(parser): pass
+"""pytest hooks only: options, markers, collection, report header and sections."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Generator
+
+import pytest
+
+from .config import OPTIONS, resolve
+from .errors import ConfigError
+from .fixtures import svctunnel, svctunnel_network, svctunnel_networks
+from .networks import NetworkRequest, device_names, parse_request, plan_networks
+from .runs import new_run_id
+from .state import PLUGIN_STATE, PluginState
+
+__all__ = ["svctunnel", "svctunnel_network", "svctunnel_networks"]
+
+MARKER = "svctunnel_network"
+TUNNEL_FIXTURES = frozenset({"svctunnel", "svctunnel_network", "svctunnel_networks"})
+_MARKER_DOC = (
+    f"{MARKER}(name, *, ipv4=None, ipv6=None, vni=None): ask for an extra tunnel network built in the"
+    " same session; ipv4/ipv6 are networks like '10.40.0.0/30' (pod end takes the first host, this end"
+    " the second), False to leave a family out; defaults are deterministic and non-overlapping."
+)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("svctunnel", "extra networks into Kubernetes through a UDP Service")
+    for option in OPTIONS:
+        default = f"; default {option.default}" if option.default else ""
+        group.addoption(option.flag, dest=f"svctunnel_{option.key}", default=None, metavar=option.key.upper(),
+                        help=f"{option.help} [env {option.env}, ini {option.ini}{default}]")
+        parser.addini(option.ini, help=option.help, type="string", default="")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", _MARKER_DOC)
+    state = PluginState(run_id=new_run_id())
+    config.stash[PLUGIN_STATE] = state
+    cli = {o.key: config.getoption(f"svctunnel_{o.key}") for o in OPTIONS}
+    ini = {o.key: str(config.getini(o.ini) or "") or None for o in OPTIONS}
+    try:
+        state.config = resolve(cli, os.environ, ini)
+    except ConfigError as exc:
+        state.error = exc
+        if not (config.option.help or config.option.markers or getattr(config.option, "version", False)):
+            raise pytest.UsageError(f"svctunnel: {exc}") from None
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    state = config.stash.get(PLUGIN_STATE, None)
+    if state is None or state.config is None:
+        return []
+    return [f"svctunnel: run {state.run_id}; " + ", ".join(state.config.describe())]
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    state = config.stash[PLUGIN_STATE]
+    if state.config is None:
+        return
+    requests: list[NetworkRequest] = []
+    try:
+        for item in items:
+            for mark in item.iter_markers(MARKER):
+                requests.append(_request(mark, item.nodeid))
+        state.networks = plan_networks(state.config.vni, requests, device_names(f"svt{state.run_id}-"))
+    except ConfigError as exc:
+        raise pytest.UsageError(f"svctunnel: {exc}") from None
+
+
+def _request(mark: pytest.Mark, where: str) -> NetworkRequest:
+    kwargs = dict(mark.kwargs)
+    unknown = set(kwargs) - {"name", "ipv4", "ipv6", "vni"}
+    if unknown or len(mark.args) > 1 or (mark.args and "name" in kwargs):
+        raise ConfigError(
+            f"{MARKER} mark on {where}: use {MARKER}(name, *, ipv4=None, ipv6=None, vni=None)"
+            + (f"; unknown {', '.join(sorted(unknown))}" if unknown else "")
+        )
+    name = mark.args[0] if mark.args else kwargs.get("name")
+    return parse_request(name, kwargs.get("ipv4"), kwargs.get("ipv6"), kwargs.get("vni"), where)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    report = yield
+    state = item.config.stash.get(PLUGIN_STATE, None)
+    uses_tunnel = TUNNEL_FIXTURES & set(getattr(item, "fixturenames", ()))
+    if report.failed and uses_tunnel and state is not None and state.session is not None:
+        report.sections.append(("svctunnel diagnostics", state.session.diagnostics()))
+    return report
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
+    state = config.stash.get(PLUGIN_STATE, None)
+    if state is not None and state.kept_note:
+        terminalreporter.write_line(f"svctunnel: {state.kept_note}")

@@ -31,18 +31,27 @@ class Run:
 
     @classmethod
     def new(cls) -> Run:
-        root = state_root()
-        root.mkdir(parents=True, exist_ok=True, mode=0o700)
         while True:
-            run_id = secrets.token_hex(3)
-            path = root / run_id
             try:
-                path.mkdir(mode=0o700)
+                return cls.create(new_run_id())
             except FileExistsError:
                 continue
-            run = cls(run_id, path)
-            run.write("owner.json", {"pid": os.getpid()})
-            return run
+
+    @classmethod
+    def create(cls, run_id: str) -> Run:
+        """Make the state directory of ``run_id``; FileExistsError if it is taken."""
+        root = state_root()
+        root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        path = root / run_id
+        path.mkdir(mode=0o700)
+        run = cls(run_id, path)
+        run.write("owner.json", {"pid": os.getpid()})
+        return run
+
+    @property
+    def link_prefix(self) -> str:
+        """Every link this run creates in a shared namespace starts with this."""
+        return f"svt{self.id}-"
 
     @classmethod
     def existing(cls, run_id: str) -> Run:
@@ -60,6 +69,10 @@ class Run:
 
     def remove(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def new_run_id() -> str:
+    return secrets.token_hex(3)
 
 
 def all_runs() -> list[Run]:

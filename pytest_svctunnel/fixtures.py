@@ -1,0 +1,55 @@
+"""The plugin's fixtures: thin shells over ``TunnelSession``."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+
+import pytest
+
+from .errors import SvcTunnelError
+from .networks import Network
+from .session import Tunnel, TunnelSession
+from .state import PLUGIN_STATE
+
+
+@pytest.fixture(scope="session")
+def svctunnel(request: pytest.FixtureRequest) -> Iterator[Tunnel]:
+    """Session scope. Deploys the pod end through the selected backend, runs the
+    handshake, builds this end's devices and yields a ``Tunnel``: the default
+    network's ``dev``, ``vni``, ``local_ipv4``, ``local_ipv6``, ``remote_ipv4``,
+    ``remote_ipv6``; ``networks`` (name -> Network, with "default" and every
+    ``svctunnel_network`` mark of the session); ``service_address``; and ``peer``,
+    the address and port the pod end learned. Teardown removes everything it made."""
+    state = request.config.stash[PLUGIN_STATE]
+    if state.error is not None:
+        raise pytest.UsageError(str(state.error))
+    assert state.config is not None
+    session = TunnelSession(state.config, state.networks, state.run_id)
+    state.session = session
+    try:
+        tunnel = session.start()
+    except SvcTunnelError as exc:
+        pytest.fail(f"svctunnel: {exc}", pytrace=False)
+    yield tunnel
+    note = session.stop(failed=request.session.testsfailed > 0)
+    if note:
+        state.kept_note = note
+
+
+@pytest.fixture(scope="session")
+def svctunnel_networks(svctunnel: Tunnel) -> Mapping[str, Network]:
+    """Session scope. Every network of the session by name, "default" included."""
+    return svctunnel.networks
+
+
+@pytest.fixture
+def svctunnel_network(request: pytest.FixtureRequest, svctunnel: Tunnel) -> Network:
+    """Function scope. The network named by the test's closest ``svctunnel_network`` mark."""
+    mark = request.node.get_closest_marker("svctunnel_network")
+    if mark is None:
+        pytest.fail(
+            "the svctunnel_network fixture needs a @pytest.mark.svctunnel_network(NAME) mark on the test",
+            pytrace=False,
+        )
+    name = mark.args[0] if mark.args else mark.kwargs.get("name")
+    return svctunnel.networks[str(name)]

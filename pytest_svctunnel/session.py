@@ -1,0 +1,176 @@
+"""A tunnel session: configuration and plan in, a built tunnel out, everything undone after.
+
+Plain Python: the pytest fixtures are a thin shell over ``TunnelSession``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Protocol
+
+from . import diagnostics, keys
+from .config import TunnelConfig
+from .connector import ConnectSettings, Connection, ExternalEnd
+from .lab import Lab
+from .networks import DEFAULT_NAME, Network
+from .privileges import require_net_admin
+from .protocol import Endpoint, IPAddress
+from .runs import Run
+from .waiting import Deadline
+
+log = logging.getLogger("svctunnel.session")
+
+
+@dataclass(frozen=True)
+class Tunnel:
+    """What the ``svctunnel`` fixture yields: the default network's fields, all networks,
+    the Service address and the peer (this end as the pod end saw it)."""
+
+    networks: Mapping[str, Network]
+    service: Endpoint
+    peer: Endpoint
+    run_id: str
+
+    @property
+    def default(self) -> Network:
+        return self.networks[DEFAULT_NAME]
+
+    @property
+    def service_address(self) -> IPAddress:
+        return self.service.address
+
+    @property
+    def dev(self) -> str:
+        return self.default.dev
+
+    @property
+    def vni(self) -> int:
+        return self.default.vni
+
+    @property
+    def mtu(self) -> int:
+        return self.default.mtu
+
+    @property
+    def local_ipv4(self) -> object:
+        return self.default.local_ipv4
+
+    @property
+    def local_ipv6(self) -> object:
+        return self.default.local_ipv6
+
+    @property
+    def remote_ipv4(self) -> object:
+        return self.default.remote_ipv4
+
+    @property
+    def remote_ipv6(self) -> object:
+        return self.default.remote_ipv6
+
+
+class Backend(Protocol):
+    """Where the pod end runs. ``deploy`` returns the Service address to send hellos to."""
+
+    def deploy(self, key_file: Path, peer: IPAddress | None, deadline: Deadline) -> Endpoint: ...
+
+    def teardown(self, deadline: Deadline) -> None: ...
+
+    def diagnostics(self) -> list[tuple[str, str]]: ...
+
+    def describe_kept(self) -> str: ...
+
+
+class LabBackend:
+    """The built-in lab as a backend: namespaces on this host, agent in the pod namespace."""
+
+    def __init__(self, run: Run, port: int) -> None:
+        self.lab = Lab(run, port=port)
+
+    def deploy(self, key_file: Path, peer: IPAddress | None, deadline: Deadline) -> Endpoint:
+        self.lab.up(timeout=deadline.remaining())
+        self.lab.start_agent(key_file, peer=peer, timeout=deadline.remaining())
+        return self.lab.plan.service(4)
+
+    def teardown(self, deadline: Deadline) -> None:
+        self.lab.down(timeout=max(deadline.remaining(), 1.0))
+
+    def diagnostics(self) -> list[tuple[str, str]]:
+        return [
+            diagnostics.safely("agent log (pod end)", lambda: self.lab.log_tail(40)),
+            diagnostics.safely("pod end links", lambda: self.lab.link_report("pod")),
+        ]
+
+    def describe_kept(self) -> str:
+        return f"lab kept: inspect with 'svctunnel lab status --run {self.lab.run.id}', remove with 'svctunnel lab down --run {self.lab.run.id}'"
+
+
+def make_backend(config: TunnelConfig, run: Run) -> Backend:
+    return LabBackend(run, config.port)
+
+
+class TunnelSession:
+    """Builds the tunnel of one test session and removes it again.
+
+    ``start`` deploys the pod end through the backend, runs the handshake, builds the
+    local devices and returns a ``Tunnel``; on any failure (also KeyboardInterrupt or a
+    pytest-timeout) it undoes what it did before re-raising. ``stop`` applies --svctunnel-keep.
+    """
+
+    def __init__(self, config: TunnelConfig, networks: tuple[Network, ...], run_id: str) -> None:
+        self.config = config
+        self.networks = networks
+        self.run_id = run_id
+        self._stack = ExitStack()
+        self._backend: Backend | None = None
+        self._run: Run | None = None
+        self._snapshot: str | None = None
+        self.tunnel: Tunnel | None = None
+
+    def start(self) -> Tunnel:
+        require_net_admin("the svctunnel fixture")
+        try:
+            return self._start()
+        except BaseException:
+            self._snapshot = self.diagnostics()
+            self._stack.close()
+            raise
+
+    def _start(self) -> Tunnel:
+        timeout = self.config.timeout
+        run = self._run = Run.create(self.run_id)
+        self._stack.callback(run.remove)
+        key_hex = keys.generate_key()
+        key_file = run.dir / "key"
+        keys.write_key_file(key_file, key_hex)
+        backend = self._backend = make_backend(self.config, run)
+        self._stack.callback(lambda: backend.teardown(Deadline.after(timeout)))
+        service = backend.deploy(key_file, self.config.peer, Deadline.after(timeout))
+        end = ExternalEnd(ConnectSettings(service, keys.parse_key(key_hex, "session key"), self.networks,
+                                          timeout, self.config.underlay_dev))
+        self._stack.callback(end.close)
+        conn: Connection = end.open()
+        self.tunnel = Tunnel(MappingProxyType({n.name: n for n in conn.networks}), service, conn.peer, self.run_id)
+        return self.tunnel
+
+    def stop(self, failed: bool) -> str | None:
+        """Tear down unless --svctunnel-keep says otherwise; returns a note when kept."""
+        keep = self.config.keep == "always" or (self.config.keep == "on-failure" and failed)
+        if keep and self._backend is not None:
+            self._stack.pop_all()
+            return self._backend.describe_kept()
+        self._stack.close()
+        return None
+
+    def diagnostics(self) -> str:
+        """Agent log tail and both ends' link state, or the snapshot taken when setup failed."""
+        if self._snapshot is not None:
+            return self._snapshot
+        parts = [diagnostics.safely("external end links", lambda: diagnostics.local_links(f"svt{self.run_id}-"))]
+        if self._backend is not None:
+            parts += self._backend.diagnostics()
+        return diagnostics.render(parts)

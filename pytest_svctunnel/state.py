@@ -1,0 +1,25 @@
+"""What the plugin keeps per pytest run, in the config stash."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+
+from .config import TunnelConfig
+from .errors import ConfigError
+from .networks import Network
+from .session import TunnelSession
+
+
+@dataclass
+class PluginState:
+    run_id: str
+    config: TunnelConfig | None = None
+    error: ConfigError | None = None
+    networks: tuple[Network, ...] = field(default_factory=tuple)
+    session: TunnelSession | None = None
+    kept_note: str | None = None
+
+
+PLUGIN_STATE = pytest.StashKey[PluginState]()
