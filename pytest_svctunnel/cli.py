@@ -81,9 +81,13 @@ def _service(text: str) -> Endpoint:
     elif text.count(":") == 1:
         host, port = text.split(":")
     try:
-        return Endpoint(ipaddress.ip_address(host), _port(port))
+        address = ipaddress.ip_address(host)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not ADDR[:PORT] (IPv6: [ADDR]:PORT)") from None
+    try:
+        return Endpoint(address, _port(port))
+    except argparse.ArgumentTypeError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
 
 
 def _dev(text: str) -> str:

@@ -1,0 +1,58 @@
+"""Helpers for tests that drive real processes: the CLI, ping."""
+
+from __future__ import annotations
+
+import select
+import signal
+import subprocess
+import sys
+
+
+def svctunnel_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "pytest_svctunnel", *args]
+
+
+class Connect:
+    """A running ``svctunnel connect`` process (optionally inside a namespace)."""
+
+    def __init__(self, args: list[str], ns: str | None = None) -> None:
+        prefix = ["ip", "netns", "exec", ns] if ns else []
+        self.proc = subprocess.Popen(prefix + svctunnel_cmd("connect", *args), stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)
+
+    def ready_line(self, timeout: float = 30.0) -> str:
+        """The ``ready`` line, or an assertion error with what the process said."""
+        assert self.proc.stdout is not None
+        if select.select([self.proc.stdout], [], [], timeout)[0]:
+            line = self.proc.stdout.readline()
+            if line.startswith("ready"):
+                return line
+        self.stop()
+        raise AssertionError(f"no ready line; exit {self.proc.returncode}; stderr:\n{self.stderr()}")
+
+    def stderr(self) -> str:
+        assert self.proc.stderr is not None
+        return self.proc.stderr.read() if self.proc.poll() is not None else ""
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        return self.proc.returncode
+
+
+def ping(address: object, dev: str | None = None, *, ns: str | None = None, size: int | None = None,
+         dont_fragment: bool = False, count: int = 1) -> subprocess.CompletedProcess[str]:
+    argv = ["ip", "netns", "exec", ns] if ns else []
+    argv += ["ping", "-c", str(count), "-W", "2", "-i", "0.2"]
+    if dev:
+        argv += ["-I", dev]
+    if size is not None:
+        argv += ["-s", str(size)]
+    if dont_fragment:
+        argv += ["-M", "do"]
+    return subprocess.run([*argv, str(address)], capture_output=True, text=True)

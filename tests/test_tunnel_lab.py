@@ -1,0 +1,241 @@
+"""Both tunnel ends on real kernel networking: the lab, the agent, ``svctunnel connect``."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pytest_svctunnel import keys, netns
+from pytest_svctunnel.lab import Lab
+from pytest_svctunnel.runs import Run
+
+from .helpers import Connect, ping
+
+pytestmark = pytest.mark.root
+
+
+def _ready_fields(line: str) -> dict[str, str]:
+    return dict(item.split("=", 1) for item in line.split()[1:])
+
+
+@pytest.fixture
+def agent(lab: Lab, key_file: Path) -> Lab:
+    lab.start_agent(key_file)
+    return lab
+
+
+def test_default_network_carries_ipv4_and_ipv6(agent: Lab, key_file: Path, connect: type[Connect]) -> None:
+    c = connect(["--service", str(agent.plan.service(4)), "--key-file", str(key_file), "--dev", "svttest0",
+                 "--timeout", "20"])
+    fields = _ready_fields(c.ready_line())
+    assert fields["dev"] == "svttest0" and fields["vni"] == "333"
+    assert fields["local"] == "10.30.30.2/30,fd00:3030::2/126"
+    assert fields["remote"] == "10.30.30.1/30,fd00:3030::1/126"
+    assert ping("10.30.30.1", "svttest0", count=3).returncode == 0
+    assert ping("fd00:3030::1", "svttest0", count=3).returncode == 0
+    # and from the pod end towards us, over the same tunnel
+    assert ping("10.30.30.2", ns=agent.plan.ns("pod")).returncode == 0
+    assert ping("fd00:3030::2", ns=agent.plan.ns("pod")).returncode == 0
+
+
+def test_port_rewriting_nat_is_learned(agent: Lab, key_file: Path, connect: type[Connect]) -> None:
+    c = connect(["--service", str(agent.plan.service(4)), "--key-file", str(key_file), "--dev", "svttest0"])
+    fields = _ready_fields(c.ready_line())
+    peer_address, peer_port = fields["peer"].rsplit(":", 1)
+    assert peer_address == str(agent.plan.public_address(4))
+    assert peer_port != fields["port"], "the home NAT should have rewritten the source port"
+    assert 20000 <= int(peer_port) <= 29999
+    fdb = netns.run(agent.plan.ns("pod"), ["bridge", "fdb", "show", "dev", "svttest0"])
+    assert f"dst {peer_address}" in fdb and f"port {peer_port}" in fdb
+    assert ping("10.30.30.1", "svttest0").returncode == 0
+
+
+@pytest.mark.parametrize("outer", [4, 6], ids=["ipv4-outer", "ipv6-outer"])
+def test_dont_fragment_mtu(agent: Lab, key_file: Path, connect: type[Connect], outer: int) -> None:
+    c = connect(["--service", str(agent.plan.service(outer)), "--key-file", str(key_file), "--dev", "svttest0"])
+    fields = _ready_fields(c.ready_line())
+    mtu = 1500 - (50 if outer == 4 else 70)
+    assert fields["mtu"] == str(mtu)
+    pod_mtu = netns.run(agent.plan.ns("pod"), ["cat", "/sys/class/net/svttest0/mtu"]).strip()
+    assert pod_mtu == str(mtu)
+    for address, header in (("10.30.30.1", 28), ("fd00:3030::1", 48)):
+        largest = ping(address, "svttest0", size=mtu - header, dont_fragment=True)
+        assert largest.returncode == 0, largest.stdout + largest.stderr
+        too_big = ping(address, "svttest0", size=mtu - header + 1, dont_fragment=True)
+        assert too_big.returncode != 0
+        assert "message too long" in (too_big.stdout + too_big.stderr).lower()
+
+
+def test_wrong_key_is_never_answered(agent: Lab, run: Run, connect: type[Connect]) -> None:
+    wrong = run.dir / "wrong.key"
+    keys.write_key_file(wrong, keys.generate_key())
+    c = connect(["--service", str(agent.plan.service(4)), "--key-file", str(wrong), "--dev", "svttest0",
+                 "--timeout", "3"])
+    assert c.proc.wait(30) == 1
+    err = c.stderr()
+    assert "handshake" in err and "no answer to any hello" in err
+    assert "bad-mac" in agent.log_text()
+    # the hello crossed the node, but nothing ever came back through it
+    table = agent.conntrack("node")
+    flows = [line for line in table.splitlines() if f"dport={agent.plan.port}" in line]
+    assert flows and all("UNREPLIED" in line for line in flows), table
+    assert "svttest0" not in netns.run(agent.plan.ns("pod"), ["ip", "-o", "link"])
+
+
+def _flows_originated_by(table: str, address: object) -> list[str]:
+    """conntrack lines whose original direction starts at ``address``."""
+    return [line for line in table.splitlines() if "src=" in line and line.split("src=")[1].split()[0] == str(address)]
+
+
+def test_pod_end_sends_nothing_before_a_hello(agent: Lab) -> None:
+    time.sleep(2.0)  # give a misbehaving agent time to speak first; the checks below are what count
+    pod = agent.plan.pod_address(4)
+    assert _flows_originated_by(agent.conntrack("node"), pod) == []
+    assert "0 flow entries" in subprocess.run(
+        ["ip", "netns", "exec", agent.plan.ns("node"), "conntrack", "-L"], capture_output=True, text=True
+    ).stderr
+    links = netns.run(agent.plan.ns("pod"), ["ip", "-o", "-d", "link", "show", "type", "vxlan"])
+    assert links.strip() == ""
+    # control: a datagram the pod does send from the tunnel port shows up in the very same check
+    send = (f"import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(('', {agent.plan.port}));"
+            f" s.sendto(b'x', ('{agent.plan.public_address(4)}', {agent.plan.port}))")
+    netns.run(agent.plan.ns("pod"), [sys.executable, "-c", send])
+    assert _flows_originated_by(agent.conntrack("node"), pod)
+
+
+def test_flow_is_opened_from_outside(agent: Lab, key_file: Path, connect: type[Connect]) -> None:
+    connect(["--service", str(agent.plan.service(4)), "--key-file", str(key_file), "--dev", "svttest0"]).ready_line()
+    table = agent.conntrack("node")
+    flows = [line for line in table.splitlines() if f"dport={agent.plan.port}" in line]
+    assert len(flows) == 1, table
+    first_src = flows[0].split("src=")[1].split()[0]
+    assert first_src == str(agent.plan.public_address(4)), "the original direction must be external -> Service"
+    assert "UNREPLIED" not in flows[0], "the pod end answered along the same flow"
+
+
+def test_peer_pin(lab: Lab, key_file: Path, connect: type[Connect]) -> None:
+    lab.start_agent(key_file, peer=lab.plan.public_address(4))
+    ok = connect(["--service", str(lab.plan.service(4)), "--key-file", str(key_file), "--dev", "svttest0"])
+    ok.ready_line()
+    assert ok.stop() == 0
+    lab.stop_agent()
+    lab.start_agent(key_file, peer=lab.plan.external_address(4))  # the un-NATed address: never what the pod sees
+    pinned_out = connect(["--service", str(lab.plan.service(4)), "--key-file", str(key_file), "--dev", "svttest1",
+                          "--timeout", "3"])
+    assert pinned_out.proc.wait(30) == 1
+    assert "unexpected-peer" in lab.log_text()
+
+
+def test_connect_and_agent_remove_what_they_built(agent: Lab, key_file: Path, connect: type[Connect]) -> None:
+    c = connect(["--service", str(agent.plan.service(4)), "--key-file", str(key_file), "--dev", "svttest0"])
+    c.ready_line()
+    pod = agent.plan.ns("pod")
+    assert "svttest0" in netns.run(pod, ["ip", "-o", "link"])
+    assert c.stop() == 0
+    assert "svttest0" not in netns.run(None, ["ip", "-o", "link"])
+    agent.stop_agent()
+    assert "svttest0" not in netns.run(pod, ["ip", "-o", "link"])
+    assert "svctunnel_" not in netns.run(pod, ["nft", "list", "tables"])
+    assert "stopped" in agent.log_text()
+
+
+TAP_SCRIPT = """
+import sys
+from pytest_svctunnel.transport import HelloTap
+with HelloTap(int(sys.argv[1])) as tap:
+    print("open", flush=True)
+    while (d := tap.receive(timeout=3.0)) is not None:
+        print(d.payload[:8].hex(), d.source, d.destination, flush=True)
+"""
+
+
+def test_hello_tap_sees_only_handshake_datagrams(lab: Lab) -> None:
+    """A real kernel filter: data on the tunnel port never reaches the agent's socket."""
+    tap = subprocess.Popen(["ip", "netns", "exec", lab.plan.ns("pod"), sys.executable, "-c", TAP_SCRIPT,
+                            str(lab.plan.port)], stdout=subprocess.PIPE, text=True)
+    assert tap.stdout is not None and tap.stdout.readline().strip() == "open"
+    service = lab.plan.service(4)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        for payload in (b"\x08\x00\x00\x00" + bytes(60), b"SVTX-not-magic", b"SVTN-looks-like-a-hello"):
+            sock.sendto(payload, (str(service.address), service.port))
+        sock.sendto(b"SVTN-to-another-port", (str(service.address), service.port + 1))
+    out, _ = tap.communicate(timeout=20)
+    lines = out.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(b"SVTN-loo".hex())
+    assert f"{lab.plan.pod_address(4)}:{lab.plan.port}" in lines[0]
+
+
+# -- the original project's catch ------------------------------------------------------------
+
+
+def _original_style_pod(lab: Lab) -> None:
+    """The original's pod side: hand-set peer address, fixed port 5533 both ways."""
+    netns.run(lab.plan.ns("pod"), ["ip", "link", "add", "vxlan0", "type", "vxlan", "id", "333", "dev", "eth0",
+                                   "remote", str(lab.plan.public_address(4)), "dstport", "5533",
+                                   "srcport", "5533", "5534"])
+    netns.run(lab.plan.ns("pod"), ["ip", "addr", "add", "10.30.30.1/30", "dev", "vxlan0"])
+    netns.run(lab.plan.ns("pod"), ["ip", "link", "set", "vxlan0", "up"])
+
+
+def _original_style_external(lab: Lab, dev: str) -> None:
+    netns.run(None, ["ip", "link", "add", dev, "type", "vxlan", "id", "333", "dev", lab.plan.lan_link,
+                     "remote", str(lab.plan.service(4).address), "dstport", "5533", "srcport", "5533", "5534"])
+    netns.run(None, ["ip", "addr", "add", "10.30.30.2/30", "dev", dev])
+    netns.run(None, ["ip", "link", "set", dev, "up"])
+
+
+@pytest.fixture
+def port_keeping_lab() -> Iterator[Lab]:
+    run = Run.new()
+    built = Lab(run, rewrite_ports=False)
+    built.up()
+    yield built
+    built.down()
+    run.remove()
+
+
+def test_original_style_works_when_the_external_side_sends_first(port_keeping_lab: Lab) -> None:
+    """Positive control: the lab is faithful, not simply broken for the original."""
+    lab = port_keeping_lab
+    dev = f"{lab.plan.link_prefix}orig"
+    _original_style_external(lab, dev)
+    ping("10.30.30.1", dev, count=1)  # opens the flow through the Service; nobody answers yet
+    _original_style_pod(lab)
+    assert ping("10.30.30.1", dev, count=3).returncode == 0
+
+
+@pytest.mark.parametrize("rewrite_ports", [False, True], ids=["port-keeping-nat", "port-rewriting-nat"])
+def test_original_style_fails_when_the_pod_sends_first_but_ours_works(rewrite_ports: bool, key_file: Path,
+                                                                      connect: type[Connect]) -> None:
+    run = Run.new()
+    lab = Lab(run, rewrite_ports=rewrite_ports)
+    lab.up()
+    try:
+        _original_style_pod(lab)
+        ping("10.30.30.2", ns=lab.plan.ns("pod"), count=2)  # the pod speaks first: masqueraded to the node
+        node_table = lab.conntrack("node")
+        assert f"src={lab.plan.pod_address(4)}" in node_table
+        dev = f"{lab.plan.link_prefix}orig"
+        _original_style_external(lab, dev)
+        result = ping("10.30.30.1", dev, count=3)
+        assert result.returncode != 0, "the original's tunnel must not carry traffic after the pod spoke first"
+        # ours, in the same poisoned lab: the stale conntrack entries stay, and do not matter
+        netns.run(None, ["ip", "link", "del", dev])
+        netns.run(lab.plan.ns("pod"), ["ip", "link", "del", "vxlan0"])
+        lab.start_agent(key_file)
+        c = connect(["--service", str(lab.plan.service(4)), "--key-file", str(key_file), "--dev", "svttest0"])
+        c.ready_line()
+        assert ping("10.30.30.1", "svttest0", count=3).returncode == 0
+        assert ping("fd00:3030::1", "svttest0", count=3).returncode == 0
+        assert f"src={lab.plan.pod_address(4)}" in lab.conntrack("node"), "the poisoned entry is still there"
+        c.stop()
+    finally:
+        lab.down()
+        run.remove()
