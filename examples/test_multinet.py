@@ -9,8 +9,9 @@ import pytest
 
 
 def ping(address, dev, *extra):
-    done = subprocess.run(["ping", "-c", "1", "-W", "2", "-I", dev, *extra, str(address)],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        ["ping", "-c", "1", "-W", "2", "-I", dev, *extra, str(address)], capture_output=True, text=True
+    )
     return done.returncode == 0
 
 

@@ -210,8 +210,9 @@ class Agent:
         nft.apply(nft.pod_filter(self.settings.port, peer))
         moved = self.status.peer is not None and self.status.peer != peer
         self.status.peer, self.status.mtu = peer, mtu
-        self._set_state("up", f"{'peer moved to' if moved else 'tunnel up with'} {peer}, "
-                        f"{len(wanted)} network(s), mtu {mtu}")
+        self._set_state(
+            "up", f"{'peer moved to' if moved else 'tunnel up with'} {peer}, {len(wanted)} network(s), mtu {mtu}"
+        )
 
     def _send(self, request: Message, body: Challenge | Ack, datagram: UdpDatagram) -> None:
         reply = Message(request.session, request.counter, self._now_ms(), body)

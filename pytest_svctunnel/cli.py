@@ -119,12 +119,24 @@ def build_parser() -> argparse.ArgumentParser:
     agent = sub.add_parser("agent", help="run the pod end (settings also from SVCTUNNEL_* variables)")
     agent.add_argument("--key-file", default=_env("SVCTUNNEL_KEY_FILE"), help="key file [SVCTUNNEL_KEY_FILE]")
     agent.add_argument("--port", type=_port, default=_env("SVCTUNNEL_PORT", "5533"), help="UDP port [SVCTUNNEL_PORT]")
-    agent.add_argument("--peer", type=_address, default=_env("SVCTUNNEL_PEER"),
-                       help="accept hellos only from this address [SVCTUNNEL_PEER]")
-    agent.add_argument("--underlay-dev", type=_dev, default=_env("SVCTUNNEL_UNDERLAY_DEV"),
-                       help="device hellos arrive on and tunnels use [SVCTUNNEL_UNDERLAY_DEV]")
-    agent.add_argument("--max-skew", type=_timeout, default=_env("SVCTUNNEL_MAX_SKEW", "120"),
-                       help="accepted clock difference in seconds [SVCTUNNEL_MAX_SKEW]")
+    agent.add_argument(
+        "--peer",
+        type=_address,
+        default=_env("SVCTUNNEL_PEER"),
+        help="accept hellos only from this address [SVCTUNNEL_PEER]",
+    )
+    agent.add_argument(
+        "--underlay-dev",
+        type=_dev,
+        default=_env("SVCTUNNEL_UNDERLAY_DEV"),
+        help="device hellos arrive on and tunnels use [SVCTUNNEL_UNDERLAY_DEV]",
+    )
+    agent.add_argument(
+        "--max-skew",
+        type=_timeout,
+        default=_env("SVCTUNNEL_MAX_SKEW", "120"),
+        help="accepted clock difference in seconds [SVCTUNNEL_MAX_SKEW]",
+    )
 
     connect = sub.add_parser("connect", help="run the external end in the foreground")
     connect.add_argument("--service", type=_service, required=True, help="Service address ADDR[:PORT]")
@@ -151,8 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(stream=sys.stderr, level=logging.INFO,
-                        format="%(asctime)s %(name)s: %(message)s")
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
         return int(_COMMANDS[args.command](args))
     except ConfigError as exc:
@@ -196,8 +207,11 @@ def _connect(args: argparse.Namespace) -> int:
         built = conn.networks[0]
         addrs = ",".join(str(a) for a in (built.local_ipv4, built.local_ipv6) if a)
         remote = ",".join(str(a) for a in (built.remote_ipv4, built.remote_ipv6) if a)
-        print(f"ready dev={built.dev} vni={built.vni} mtu={built.mtu} local={addrs} remote={remote} "
-              f"service={conn.service} peer={conn.peer} port={conn.local.port}", flush=True)
+        print(
+            f"ready dev={built.dev} vni={built.vni} mtu={built.mtu} local={addrs} remote={remote} "
+            f"service={conn.service} peer={conn.peer} port={conn.local.port}",
+            flush=True,
+        )
         while not stop.wait(0.5):
             pass
     finally:

@@ -81,7 +81,12 @@ class Option:
 
 
 OPTIONS: tuple[Option, ...] = (
-    Option("backend", _choice(BACKENDS), "lab", "where the pod end runs: lab (network namespaces on this host) or kubernetes"),
+    Option(
+        "backend",
+        _choice(BACKENDS),
+        "lab",
+        "where the pod end runs: lab (network namespaces on this host) or kubernetes",
+    ),
     Option("peer", _peer, None, "the address hellos must come from, as the pod sees it; others are ignored"),
     Option("port", _port, "5533", "the Service's UDP port, also the pod end's listening port"),
     Option("vni", _vni, "333", "VNI of the default network"),

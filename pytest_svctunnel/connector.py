@@ -107,7 +107,7 @@ def _handshake(settings: ConnectSettings, route: device.Route, hello: Hello) -> 
                 sock.settimeout(left)
                 try:
                     data = sock.recv(4096)
-                except (socket.timeout, ConnectionRefusedError):
+                except (TimeoutError, ConnectionRefusedError):
                     continue
                 challenged = shake.nonce is not None
                 ack = shake.receive(data)
@@ -117,7 +117,9 @@ def _handshake(settings: ConnectSettings, route: device.Route, hello: Hello) -> 
                     break  # answer the challenge now rather than at the next retransmit
     stage = "no answer to any hello" if shake.nonce is None else "challenge answered but no ACK"
     raise WaitTimeout(
-        "handshake", settings.timeout, f"{stage} from {settings.service} (sent {shake.counter} datagrams)",
+        "handshake",
+        settings.timeout,
+        f"{stage} from {settings.service} (sent {shake.counter} datagrams)",
         "check that the Service forwards UDP to the agent, the key matches, and --peer/--svctunnel-peer is right",
     )
 
@@ -150,7 +152,9 @@ class ExternalEnd:
         for net in nets:
             self._stack.callback(device.delete_link, None, net.dev)
             addresses = tuple(a for a in (net.local_ipv4, net.local_ipv6) if a is not None)
-            spec = device.VxlanSpec(net.dev, net.vni, local.port, route.source, s.underlay_dev or route.dev, mtu, addresses)
+            spec = device.VxlanSpec(
+                net.dev, net.vni, local.port, route.source, s.underlay_dev or route.dev, mtu, addresses
+            )
             device.ensure_vxlan(None, spec)
             device.set_peer(None, net.dev, s.service)
         log.info("handshake done: the pod sees this end as %s; %d network(s), mtu %d", ack.observed, len(nets), mtu)
@@ -172,7 +176,8 @@ def wait_carries_traffic(nets: Sequence[Network], deadline: Deadline) -> None:
             waiting.pop(0)
         elif deadline.expired():
             raise WaitTimeout(
-                "tunnel traffic", deadline.seconds, f"no echo reply from {address} over {dev}",
+                "tunnel traffic",
+                deadline.seconds,
+                f"no echo reply from {address} over {dev}",
                 "the handshake succeeded, so look at the link counters in the diagnostics",
             )
-

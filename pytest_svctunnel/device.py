@@ -13,7 +13,7 @@ import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 from pyroute2 import IPRoute, NetNS
 from pyroute2.netlink.exceptions import NetlinkError
@@ -21,7 +21,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from .errors import KernelError
 from .protocol import Endpoint, IPAddress
 
-IPInterface = Union[ipaddress.IPv4Interface, ipaddress.IPv6Interface]
+IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
 ZERO_MAC = "00:00:00:00:00:00"
 IFA_F_NODAD = 0x02
 OVERHEAD = {4: 50, 6: 70}  # outer IP + UDP + VXLAN + inner Ethernet
@@ -120,6 +120,8 @@ def ensure_vxlan(netns: str | None, spec: VxlanSpec) -> None:
         if index is None:
             _create(ipr, spec, underlay_index)
             index = _index(ipr, spec.name)
+        if index is None:
+            raise KernelError(f"{spec.name} was created but cannot be found; another process removed it")
         _kernel(lambda: ipr.link("set", index=index, mtu=spec.mtu), f"setting MTU {spec.mtu} on {spec.name}")
         for address in spec.addresses:
             _ensure_address(ipr, index, address)
@@ -178,9 +180,7 @@ def set_peer(netns: str | None, name: str, peer: Endpoint | None) -> None:
                 _fdb_delete(ipr, index, entry.get_attr("NDA_DST"))
         if peer is not None:
             _kernel(
-                lambda: ipr.fdb(
-                    "append", ifindex=index, lladdr=ZERO_MAC, dst=str(peer.address), port=peer.port
-                ),
+                lambda: ipr.fdb("append", ifindex=index, lladdr=ZERO_MAC, dst=str(peer.address), port=peer.port),
                 f"pointing {name} at {peer}",
             )
 
@@ -233,9 +233,7 @@ def link_state(netns: str | None, name: str) -> LinkState | None:
             return None
         link = ipr.link("get", index=index)[0]
         stats = dict(link.get_attr("IFLA_STATS64") or {})
-        addresses = tuple(
-            f"{a.get_attr('IFA_ADDRESS')}/{a['prefixlen']}" for a in ipr.addr("dump", index=index)
-        )
+        addresses = tuple(f"{a.get_attr('IFA_ADDRESS')}/{a['prefixlen']}" for a in ipr.addr("dump", index=index))
         fdb = tuple(
             f"{e.get_attr('NDA_LLADDR')}->{e.get_attr('NDA_DST')}:{e.get_attr('NDA_PORT') or '-'}"
             for e in ipr.fdb("dump", ifindex=index)

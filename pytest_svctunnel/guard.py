@@ -26,9 +26,7 @@ class ReplayGuard:
     def check(self, message: Message, now_ms: int) -> None:
         """Raise ProtocolError(STALE or REPLAY), or record the message as seen."""
         if abs(message.timestamp_ms - now_ms) > self.max_skew_ms:
-            raise ProtocolError(
-                Reject.STALE, f"timestamp {message.timestamp_ms - now_ms:+d} ms from now"
-            )
+            raise ProtocolError(Reject.STALE, f"timestamp {message.timestamp_ms - now_ms:+d} ms from now")
         last = self._highest.get(message.session)
         if last is not None and message.counter <= last:
             raise ProtocolError(Reject.REPLAY, f"counter {message.counter} <= {last}")

@@ -23,9 +23,7 @@ def parse_key(text: str, source: str) -> bytes:
     try:
         key = binascii.unhexlify(stripped)
     except (binascii.Error, ValueError):
-        raise ConfigError(
-            f"key in {source} is not hex text; create one with 'svctunnel keygen > FILE'"
-        ) from None
+        raise ConfigError(f"key in {source} is not hex text; create one with 'svctunnel keygen > FILE'") from None
     if len(key) < MIN_KEY_BYTES:
         raise ConfigError(
             f"key in {source} is too short ({len(key)} bytes, need at least {MIN_KEY_BYTES});"
@@ -40,9 +38,7 @@ def read_key_file(path: str | Path) -> bytes:
     try:
         text = file.read_text(encoding="ascii", errors="strict")
     except FileNotFoundError:
-        raise ConfigError(
-            f"key file {file} does not exist; create it with 'svctunnel keygen > {file}'"
-        ) from None
+        raise ConfigError(f"key file {file} does not exist; create it with 'svctunnel keygen > {file}'") from None
     except (PermissionError, IsADirectoryError, UnicodeDecodeError, OSError) as exc:
         raise ConfigError(f"key file {file} cannot be read ({exc}); check its path and mode") from None
     return parse_key(text, f"key file {file}")

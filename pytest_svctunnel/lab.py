@@ -211,7 +211,9 @@ class Lab:
     def _wire(self) -> None:
         for role, dev, peer_role, peer_dev, segment, host, peer_host in _links(self.plan):
             with device.netlink(self._role_ns(role)) as ipr:
-                ipr.link("add", ifname=dev, kind="veth", peer={"ifname": peer_dev, "net_ns_fd": self.plan.ns(peer_role)})
+                ipr.link(
+                    "add", ifname=dev, kind="veth", peer={"ifname": peer_dev, "net_ns_fd": self.plan.ns(peer_role)}
+                )
             if role is None:
                 Path(f"/proc/sys/net/ipv6/conf/{dev}/accept_dad").write_text("0")
             self._address(role, dev, segment, host)
@@ -226,8 +228,13 @@ class Lab:
             index = ipr.link_lookup(ifname=dev)[0]
             for version in (4, 6):
                 address = self.plan.address(version, segment, host)
-                ipr.addr("add", index=index, address=str(address), prefixlen=self.plan.prefix(version),
-                         flags=device.IFA_F_NODAD if version == 6 else 0)
+                ipr.addr(
+                    "add",
+                    index=index,
+                    address=str(address),
+                    prefixlen=self.plan.prefix(version),
+                    flags=device.IFA_F_NODAD if version == 6 else 0,
+                )
             ipr.link("set", index=index, state="up")
             if role is not None:
                 lo = ipr.link_lookup(ifname="lo")[0]
@@ -235,19 +242,39 @@ class Lab:
 
     # -- the pod end -------------------------------------------------------------
 
-    def start_agent(self, key_file: Path, peer: IPAddress | None = None, timeout: float = 30.0,
-                    extra: Sequence[str] = ()) -> subprocess.Popen[bytes]:
+    def start_agent(
+        self, key_file: Path, peer: IPAddress | None = None, timeout: float = 30.0, extra: Sequence[str] = ()
+    ) -> subprocess.Popen[bytes]:
         """Start ``svctunnel agent`` in the pod namespace; returns once it listens."""
-        argv = ["ip", "netns", "exec", self.plan.ns("pod"), sys.executable, "-m", "pytest_svctunnel",
-                "agent", "--key-file", str(key_file), "--port", str(self.plan.port), *extra]
+        argv = [
+            "ip",
+            "netns",
+            "exec",
+            self.plan.ns("pod"),
+            sys.executable,
+            "-m",
+            "pytest_svctunnel",
+            "agent",
+            "--key-file",
+            str(key_file),
+            "--port",
+            str(self.plan.port),
+            *extra,
+        ]
         if peer is not None:
             argv += ["--peer", str(peer)]
         with self.agent_log.open("ab") as log:
-            self.agent = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                          start_new_session=True)
+            self.agent = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
+            )
         self.run.write("agent.json", {"pid": self.agent.pid})
-        wait_for(self._agent_listening, phase="agent start", deadline=Deadline.after(timeout),
-                 describe=lambda: self.log_tail(5) or "no output", hint="see the agent log in the diagnostics")
+        wait_for(
+            self._agent_listening,
+            phase="agent start",
+            deadline=Deadline.after(timeout),
+            describe=lambda: self.log_tail(5) or "no output",
+            hint="see the agent log in the diagnostics",
+        )
         return self.agent
 
     def _agent_listening(self) -> bool | None:
@@ -302,9 +329,12 @@ class Lab:
                 errors.append(str(exc))
         for name in device.links_with_prefix(None, self.plan.link_prefix):
             device.delete_link(None, name)
-        wait_for(lambda: None if device.links_with_prefix(None, self.plan.link_prefix) else True,
-                 phase="lab removal", deadline=Deadline.after(timeout),
-                 describe=lambda: f"links still there: {device.links_with_prefix(None, self.plan.link_prefix)}")
+        wait_for(
+            lambda: None if device.links_with_prefix(None, self.plan.link_prefix) else True,
+            phase="lab removal",
+            deadline=Deadline.after(timeout),
+            describe=lambda: f"links still there: {device.links_with_prefix(None, self.plan.link_prefix)}",
+        )
         if errors:
             raise LabError("; ".join(errors))
 
@@ -318,8 +348,7 @@ class Lab:
     def link_report(self, role: str) -> str:
         """Link state and counters of the VXLAN devices in one lab namespace."""
         with device.netlink(self.plan.ns(role)) as ipr:
-            names = [str(link.get_attr("IFLA_IFNAME")) for link in ipr.get_links()
-                     if _kind(link) == "vxlan"]
+            names = [str(link.get_attr("IFLA_IFNAME")) for link in ipr.get_links() if _kind(link) == "vxlan"]
         states = [device.link_state(self.plan.ns(role), name) for name in names]
         return "\n".join(s.render() for s in states if s) or "(no tunnel devices)"
 

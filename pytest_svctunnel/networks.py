@@ -7,9 +7,9 @@ or a ConfigError that names the conflict and how to fix it.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 from .errors import ConfigError
 from .protocol import PodNetwork, valid_dev_name
@@ -23,9 +23,9 @@ _POOL_IPV6 = ipaddress.IPv6Network("fd00:3030::/120")
 MAX_VNI = 0xFFFFFF
 
 Disabled = Literal[False]
-Net4 = Union[ipaddress.IPv4Network, None, Disabled]
-Net6 = Union[ipaddress.IPv6Network, None, Disabled]
-AnyNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+Net4 = ipaddress.IPv4Network | None | Disabled
+Net6 = ipaddress.IPv6Network | None | Disabled
+AnyNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 @dataclass(frozen=True)
@@ -78,12 +78,13 @@ def parse_request(name: object, ipv4: object, ipv6: object, vni: object, where: 
         raise fail(f"vni={vni!r} is outside 1..{MAX_VNI}")
     net4 = _parse_net(ipv4, 4, fail)
     net6 = _parse_net(ipv6, 6, fail)
+    assert not isinstance(net4, ipaddress.IPv6Network) and not isinstance(net6, ipaddress.IPv4Network)
     if net4 is False and net6 is False:
         raise fail("a network needs IPv4 or IPv6; do not disable both")
-    return NetworkRequest(name, net4, net6, vni, where)  # type: ignore[arg-type]
+    return NetworkRequest(name, net4, net6, vni, where)
 
 
-def _parse_net(value: object, version: int, fail: Callable[[str], ConfigError]) -> AnyNetwork | None | Disabled:
+def _parse_net(value: object, version: int, fail: Callable[[str], ConfigError]) -> AnyNetwork | Disabled | None:
     if value is None or value is False:
         return value
     keyword = f"ipv{version}"
@@ -102,7 +103,7 @@ def _parse_net(value: object, version: int, fail: Callable[[str], ConfigError]) 
 
 
 def _two_hosts(net: AnyNetwork) -> Iterable[ipaddress.IPv4Address | ipaddress.IPv6Address]:
-    hosts = net.hosts()
+    hosts: Iterator[Any] = iter(net.hosts())
     for _ in range(2):
         nxt = next(iter(hosts), None)
         if nxt is None:
@@ -151,7 +152,7 @@ class _Allocator:
 
     def subnet(self, pool: AnyNetwork, prefix: int) -> AnyNetwork:
         for candidate in pool.subnets(new_prefix=prefix):
-            if not any(candidate.version == t.version and candidate.overlaps(t) for t in self.taken):  # type: ignore[arg-type]
+            if not any(candidate.version == t.version and candidate.overlaps(t) for t in self.taken):
                 self.taken.append(candidate)
                 return candidate
         raise ConfigError(f"no free {pool} block left for another network; give ipv4=/ipv6= explicitly")
@@ -191,7 +192,7 @@ def plan_networks(default_vni: int, requests: Sequence[NetworkRequest], dev_name
 def _check_overlaps(nets: Sequence[tuple[str, AnyNetwork]]) -> None:
     for i, (name_a, a) in enumerate(nets):
         for name_b, b in nets[i + 1 :]:
-            if a.version == b.version and name_a != name_b and a.overlaps(b):  # type: ignore[arg-type]
+            if a.version == b.version and name_a != name_b and a.overlaps(b):
                 raise ConfigError(
                     f"svctunnel networks {name_a!r} ({a}) and {name_b!r} ({b}) overlap;"
                     " give one of them other addresses in its mark"
@@ -240,7 +241,7 @@ def single_network(
     remote6 = remote_ipv6 or (_other_host(local6) if ipv6 else base.remote_ipv6 if local6 else None)
     if (local4 is None) != (remote4 is None) or (local6 is None) != (remote6 is None):
         raise ConfigError("give both --ipv4 and --remote-ipv4 (or --ipv6 and --remote-ipv6), or neither")
-    return Network(DEFAULT_NAME, vni, dev, local4, remote4, local6, remote6)  # type: ignore[arg-type]
+    return Network(DEFAULT_NAME, vni, dev, local4, remote4, local6, remote6)
 
 
 def _other_host(iface: ipaddress.IPv4Interface | ipaddress.IPv6Interface | None) -> Any:

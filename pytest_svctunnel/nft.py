@@ -19,9 +19,7 @@ _NFT_TIMEOUT_S = 10.0
 def nft_binary() -> str:
     path = shutil.which("nft")
     if path is None:
-        raise KernelError(
-            "the 'nft' command is missing; install nftables (Debian/Ubuntu: apt-get install nftables)"
-        )
+        raise KernelError("the 'nft' command is missing; install nftables (Debian/Ubuntu: apt-get install nftables)")
     return path
 
 
@@ -34,9 +32,7 @@ def apply(ruleset: str, netns: str | None = None) -> None:
     """Load ``ruleset`` in one transaction: all of it or none."""
     argv = [*ns_prefix(netns), nft_binary(), "-f", "-"]
     try:
-        done = subprocess.run(
-            argv, input=ruleset, capture_output=True, text=True, timeout=_NFT_TIMEOUT_S, check=False
-        )
+        done = subprocess.run(argv, input=ruleset, capture_output=True, text=True, timeout=_NFT_TIMEOUT_S, check=False)
     except subprocess.TimeoutExpired:
         raise KernelError(f"nft did not finish within {_NFT_TIMEOUT_S:g} s in {netns or 'this namespace'}") from None
     if done.returncode != 0:
@@ -64,9 +60,5 @@ def pod_filter(port: int, peer: Endpoint | None) -> str:
         ip = "ip" if peer.address.version == 4 else "ip6"
         rules.append(f"    udp dport {port} {ip} saddr {peer.address} udp sport {peer.port} accept")
     rules.append(f"    udp dport {port} counter drop")
-    body = (
-        "  chain input {\n    type filter hook input priority -150; policy accept;\n"
-        + "\n".join(rules)
-        + "\n  }"
-    )
+    body = "  chain input {\n    type filter hook input priority -150; policy accept;\n" + "\n".join(rules) + "\n  }"
     return replace_table("inet", filter_table(port), body)

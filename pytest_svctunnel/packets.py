@@ -84,7 +84,7 @@ def _parse_udp_at(
 def _checksum(data: bytes) -> int:
     if len(data) % 2:
         data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    total = int(sum(struct.unpack(f"!{len(data) // 2}H", data)))
     while total >> 16:
         total = (total & 0xFFFF) + (total >> 16)
     return ~total & 0xFFFF
@@ -97,13 +97,9 @@ def build_udp(source: Endpoint, destination: Endpoint, payload: bytes) -> bytes:
     length = _UDP.size + len(payload)
     header = _UDP.pack(source.port, destination.port, length, 0)
     if source.address.version == 4:
-        pseudo = source.address.packed + destination.address.packed + struct.pack(
-            "!BBH", 0, IPPROTO_UDP, length
-        )
+        pseudo = source.address.packed + destination.address.packed + struct.pack("!BBH", 0, IPPROTO_UDP, length)
     else:
-        pseudo = source.address.packed + destination.address.packed + struct.pack(
-            "!I3xB", length, IPPROTO_UDP
-        )
+        pseudo = source.address.packed + destination.address.packed + struct.pack("!I3xB", length, IPPROTO_UDP)
     checksum = _checksum(pseudo + header + payload) or 0xFFFF
     return _UDP.pack(source.port, destination.port, length, checksum) + payload
 

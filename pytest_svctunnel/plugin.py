@@ -29,8 +29,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("svctunnel", "extra networks into Kubernetes through a UDP Service")
     for option in OPTIONS:
         default = f"; default {option.default}" if option.default else ""
-        group.addoption(option.flag, dest=f"svctunnel_{option.key}", default=None, metavar=option.key.upper(),
-                        help=f"{option.help} [env {option.env}, ini {option.ini}{default}]")
+        group.addoption(
+            option.flag,
+            dest=f"svctunnel_{option.key}",
+            default=None,
+            metavar=option.key.upper(),
+            help=f"{option.help} [env {option.env}, ini {option.ini}{default}]",
+        )
         parser.addini(option.ini, help=option.help, type="string", default="")
 
 
@@ -82,7 +87,9 @@ def _request(mark: pytest.Mark, where: str) -> NetworkRequest:
 
 
 @pytest.hookimpl(wrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
     report = yield
     state = item.config.stash.get(PLUGIN_STATE, None)
     uses_tunnel = TUNNEL_FIXTURES & set(getattr(item, "fixturenames", ()))

@@ -25,7 +25,9 @@ def require(cap: int, name: str, what: str, remedy: str) -> None:
 
 def require_net_admin(what: str) -> None:
     require(
-        CAP_NET_ADMIN, "CAP_NET_ADMIN", what,
+        CAP_NET_ADMIN,
+        "CAP_NET_ADMIN",
+        what,
         "run as root (e.g. 'sudo -E pytest ...') or grant the capability"
         " (e.g. 'sudo setcap cap_net_admin,cap_net_raw+ep' on the Python interpreter)",
     )

@@ -31,7 +31,7 @@ def ping_once(dev: str, address: IPAddress, timeout: float, size: int = 56) -> b
         while (left := end - time.monotonic()) > 0:
             if not select.select([sock], [], [], left)[0]:
                 return False
-            data, source = sock.recvfrom(65535)
+            data, _source = sock.recvfrom(65535)
             icmp = data[(data[0] & 0x0F) * 4 :] if version == 4 else data
             if len(icmp) >= 8 and icmp[0] == _REPLY[version] and struct.unpack_from("!H", icmp, 4)[0] == ident:
                 return True

@@ -23,7 +23,6 @@ import hmac
 import ipaddress
 import struct
 from dataclasses import dataclass
-from typing import Union
 
 MAGIC = b"SVTN"
 VERSION = 1
@@ -41,7 +40,7 @@ _ABSENT = 0xFF
 HEADER_LEN = _HEADER.size
 MAX_DATAGRAM = HEADER_LEN + 3 + MAX_NETWORKS * _NETWORK.size + MAC_LEN
 
-IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 class MsgType(enum.IntEnum):
@@ -123,7 +122,7 @@ class Ack:
     built: int
 
 
-Body = Union[Hello, Challenge, Confirm, Ack]
+Body = Hello | Challenge | Confirm | Ack
 _BODY_TYPES: dict[type, MsgType] = {
     Hello: MsgType.HELLO,
     Challenge: MsgType.CHALLENGE,
@@ -184,7 +183,12 @@ def encode(message: Message, key: bytes) -> bytes:
     validate(message)
     body = _encode_body(message.body)
     header = _HEADER.pack(
-        MAGIC, VERSION, message.type, len(body), message.session, message.counter,
+        MAGIC,
+        VERSION,
+        message.type,
+        len(body),
+        message.session,
+        message.counter,
         message.timestamp_ms,
     )
     signed = header + body
@@ -294,10 +298,7 @@ def _decode_hello(raw: bytes) -> Hello:
     if not 1 <= count <= MAX_NETWORKS:
         raise ProtocolError(Reject.BODY, f"{count} networks")
     _expect_len(raw, 3 + count * _NETWORK.size)
-    nets = tuple(
-        _decode_network(raw[3 + i * _NETWORK.size : 3 + (i + 1) * _NETWORK.size])
-        for i in range(count)
-    )
+    nets = tuple(_decode_network(raw[3 + i * _NETWORK.size : 3 + (i + 1) * _NETWORK.size]) for i in range(count))
     if len({n.vni for n in nets}) != count or len({n.dev for n in nets}) != count:
         raise ProtocolError(Reject.BODY, "duplicate VNI or device name")
     return Hello(mtu, nets)
@@ -309,8 +310,8 @@ def _decode_network(raw: bytes) -> PodNetwork:
     net = PodNetwork(
         vni=vni,
         dev=dev,
-        ipv4=_decode_iface(4, plen4, addr4),
-        ipv6=_decode_iface(6, plen6, addr6),
+        ipv4=_as_v4(_decode_iface(4, plen4, addr4)),
+        ipv6=_as_v6(_decode_iface(6, plen6, addr6)),
     )
     try:
         _validate_network(net)
@@ -319,15 +320,21 @@ def _decode_network(raw: bytes) -> PodNetwork:
     return net
 
 
-def _decode_iface(
-    version: int, plen: int, packed: bytes
-) -> ipaddress.IPv4Interface | ipaddress.IPv6Interface | None:
+def _decode_iface(version: int, plen: int, packed: bytes) -> ipaddress.IPv4Interface | ipaddress.IPv6Interface | None:
     if plen == _ABSENT:
         return None
     if plen > (32 if version == 4 else 128):
         raise ProtocolError(Reject.BODY, f"prefix length {plen}")
     address = ipaddress.ip_address(packed)
     return ipaddress.ip_interface(f"{address}/{plen}")
+
+
+def _as_v4(iface: object) -> ipaddress.IPv4Interface | None:
+    return iface if isinstance(iface, ipaddress.IPv4Interface) else None
+
+
+def _as_v6(iface: object) -> ipaddress.IPv6Interface | None:
+    return iface if isinstance(iface, ipaddress.IPv6Interface) else None
 
 
 def _decode_endpoint(raw: bytes) -> Endpoint:

@@ -15,7 +15,7 @@ from typing import Protocol
 
 from . import diagnostics, keys
 from .config import TunnelConfig
-from .connector import ConnectSettings, Connection, ExternalEnd
+from .connector import Connection, ConnectSettings, ExternalEnd
 from .lab import Lab
 from .networks import DEFAULT_NAME, Network
 from .privileges import require_net_admin
@@ -106,7 +106,11 @@ class LabBackend:
         ]
 
     def describe_kept(self) -> str:
-        return f"lab kept: inspect with 'svctunnel lab status --run {self.lab.run.id}', remove with 'svctunnel lab down --run {self.lab.run.id}'"
+        run_id = self.lab.run.id
+        return (
+            f"lab kept: inspect with 'svctunnel lab status --run {run_id}',"
+            f" remove with 'svctunnel lab down --run {run_id}'"
+        )
 
 
 def make_backend(config: TunnelConfig, run: Run) -> Backend:
@@ -150,8 +154,11 @@ class TunnelSession:
         backend = self._backend = make_backend(self.config, run)
         self._stack.callback(lambda: backend.teardown(Deadline.after(timeout)))
         service = backend.deploy(key_file, self.config.peer, Deadline.after(timeout))
-        end = ExternalEnd(ConnectSettings(service, keys.parse_key(key_hex, "session key"), self.networks,
-                                          timeout, self.config.underlay_dev))
+        end = ExternalEnd(
+            ConnectSettings(
+                service, keys.parse_key(key_hex, "session key"), self.networks, timeout, self.config.underlay_dev
+            )
+        )
         self._stack.callback(end.close)
         conn: Connection = end.open()
         self.tunnel = Tunnel(MappingProxyType({n.name: n for n in conn.networks}), service, conn.peer, self.run_id)

@@ -32,9 +32,7 @@ class HelloTap:
         try:
             sock = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(ETH_P_ALL))
         except PermissionError:
-            raise PrivilegeError(
-                "opening the hello socket needs CAP_NET_RAW; give the agent NET_RAW"
-            ) from None
+            raise PrivilegeError("opening the hello socket needs CAP_NET_RAW; give the agent NET_RAW") from None
         self._sock = sock
         self._program = _attach_filter(sock, port)
         if ifname:
@@ -59,7 +57,7 @@ class HelloTap:
         self._sock.settimeout(timeout)
         try:
             packet = self._sock.recv(_RECV_SIZE)
-        except (socket.timeout, BlockingIOError):
+        except (TimeoutError, BlockingIOError):
             return None
         return parse_udp(packet)
 
@@ -92,9 +90,7 @@ def send_raw_udp(source: Endpoint, destination: Endpoint, payload: bytes) -> Non
     try:
         sock = socket.socket(family, socket.SOCK_RAW, socket.IPPROTO_UDP)
     except PermissionError:
-        raise PrivilegeError(
-            "sending handshake answers needs CAP_NET_RAW; give the agent NET_RAW"
-        ) from None
+        raise PrivilegeError("sending handshake answers needs CAP_NET_RAW; give the agent NET_RAW") from None
     with sock:
         sock.bind((str(source.address), 0))
         sock.sendto(build_udp(source, destination, payload), (str(destination.address), 0))

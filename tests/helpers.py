@@ -17,8 +17,9 @@ class Connect:
 
     def __init__(self, args: list[str], ns: str | None = None) -> None:
         prefix = ["ip", "netns", "exec", ns] if ns else []
-        self.proc = subprocess.Popen(prefix + svctunnel_cmd("connect", *args), stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(
+            prefix + svctunnel_cmd("connect", *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
 
     def ready_line(self, timeout: float = 30.0) -> str:
         """The ``ready`` line, or an assertion error with what the process said."""
@@ -45,8 +46,15 @@ class Connect:
         return self.proc.returncode
 
 
-def ping(address: object, dev: str | None = None, *, ns: str | None = None, size: int | None = None,
-         dont_fragment: bool = False, count: int = 1) -> subprocess.CompletedProcess[str]:
+def ping(
+    address: object,
+    dev: str | None = None,
+    *,
+    ns: str | None = None,
+    size: int | None = None,
+    dont_fragment: bool = False,
+    count: int = 1,
+) -> subprocess.CompletedProcess[str]:
     argv = ["ip", "netns", "exec", ns] if ns else []
     argv += ["ping", "-c", str(count), "-W", "2", "-i", "0.2"]
     if dev:

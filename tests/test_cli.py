@@ -99,8 +99,13 @@ def test_agent_bad_arguments(extra: list[str], needle: str, short_key: Path, mon
 def test_agent_reads_its_settings_from_the_environment(tmp_path: Path) -> None:
     env_key = tmp_path / "env.key"
     env_key.write_text("00\n")
-    done = subprocess.run(svctunnel_cmd("agent"), capture_output=True, text=True, timeout=60,
-                          env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "SVCTUNNEL_KEY_FILE": str(env_key)})
+    done = subprocess.run(
+        svctunnel_cmd("agent"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "SVCTUNNEL_KEY_FILE": str(env_key)},
+    )
     assert done.returncode == 2
     assert str(env_key) in done.stderr and "too short" in done.stderr
 

@@ -31,8 +31,9 @@ def agent(lab: Lab, key_file: Path) -> Lab:
 
 
 def test_default_network_carries_ipv4_and_ipv6(agent: Lab, key_file: Path, connect: type[Connect]) -> None:
-    c = connect(["--service", str(agent.plan.service(4)), "--key-file", str(key_file), "--dev", "svttest0",
-                 "--timeout", "20"])
+    c = connect(
+        ["--service", str(agent.plan.service(4)), "--key-file", str(key_file), "--dev", "svttest0", "--timeout", "20"]
+    )
     fields = _ready_fields(c.ready_line())
     assert fields["dev"] == "svttest0" and fields["vni"] == "333"
     assert fields["local"] == "10.30.30.2/30,fd00:3030::2/126"
@@ -75,8 +76,9 @@ def test_dont_fragment_mtu(agent: Lab, key_file: Path, connect: type[Connect], o
 def test_wrong_key_is_never_answered(agent: Lab, run: Run, connect: type[Connect]) -> None:
     wrong = run.dir / "wrong.key"
     keys.write_key_file(wrong, keys.generate_key())
-    c = connect(["--service", str(agent.plan.service(4)), "--key-file", str(wrong), "--dev", "svttest0",
-                 "--timeout", "3"])
+    c = connect(
+        ["--service", str(agent.plan.service(4)), "--key-file", str(wrong), "--dev", "svttest0", "--timeout", "3"]
+    )
     assert c.proc.wait(30) == 1
     err = c.stderr()
     assert "handshake" in err and "no answer to any hello" in err
@@ -97,14 +99,19 @@ def test_pod_end_sends_nothing_before_a_hello(agent: Lab) -> None:
     time.sleep(2.0)  # give a misbehaving agent time to speak first; the checks below are what count
     pod = agent.plan.pod_address(4)
     assert _flows_originated_by(agent.conntrack("node"), pod) == []
-    assert "0 flow entries" in subprocess.run(
-        ["ip", "netns", "exec", agent.plan.ns("node"), "conntrack", "-L"], capture_output=True, text=True
-    ).stderr
+    assert (
+        "0 flow entries"
+        in subprocess.run(
+            ["ip", "netns", "exec", agent.plan.ns("node"), "conntrack", "-L"], capture_output=True, text=True
+        ).stderr
+    )
     links = netns.run(agent.plan.ns("pod"), ["ip", "-o", "-d", "link", "show", "type", "vxlan"])
     assert links.strip() == ""
     # control: a datagram the pod does send from the tunnel port shows up in the very same check
-    send = (f"import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(('', {agent.plan.port}));"
-            f" s.sendto(b'x', ('{agent.plan.public_address(4)}', {agent.plan.port}))")
+    send = (
+        f"import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(('', {agent.plan.port}));"
+        f" s.sendto(b'x', ('{agent.plan.public_address(4)}', {agent.plan.port}))"
+    )
     netns.run(agent.plan.ns("pod"), [sys.executable, "-c", send])
     assert _flows_originated_by(agent.conntrack("node"), pod)
 
@@ -126,8 +133,9 @@ def test_peer_pin(lab: Lab, key_file: Path, connect: type[Connect]) -> None:
     assert ok.stop() == 0
     lab.stop_agent()
     lab.start_agent(key_file, peer=lab.plan.external_address(4))  # the un-NATed address: never what the pod sees
-    pinned_out = connect(["--service", str(lab.plan.service(4)), "--key-file", str(key_file), "--dev", "svttest1",
-                          "--timeout", "3"])
+    pinned_out = connect(
+        ["--service", str(lab.plan.service(4)), "--key-file", str(key_file), "--dev", "svttest1", "--timeout", "3"]
+    )
     assert pinned_out.proc.wait(30) == 1
     assert "unexpected-peer" in lab.log_text()
 
@@ -157,8 +165,11 @@ with HelloTap(int(sys.argv[1])) as tap:
 
 def test_hello_tap_sees_only_handshake_datagrams(lab: Lab) -> None:
     """A real kernel filter: data on the tunnel port never reaches the agent's socket."""
-    tap = subprocess.Popen(["ip", "netns", "exec", lab.plan.ns("pod"), sys.executable, "-c", TAP_SCRIPT,
-                            str(lab.plan.port)], stdout=subprocess.PIPE, text=True)
+    tap = subprocess.Popen(
+        ["ip", "netns", "exec", lab.plan.ns("pod"), sys.executable, "-c", TAP_SCRIPT, str(lab.plan.port)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert tap.stdout is not None and tap.stdout.readline().strip() == "open"
     service = lab.plan.service(4)
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
@@ -177,16 +188,55 @@ def test_hello_tap_sees_only_handshake_datagrams(lab: Lab) -> None:
 
 def _original_style_pod(lab: Lab) -> None:
     """The original's pod side: hand-set peer address, fixed port 5533 both ways."""
-    netns.run(lab.plan.ns("pod"), ["ip", "link", "add", "vxlan0", "type", "vxlan", "id", "333", "dev", "eth0",
-                                   "remote", str(lab.plan.public_address(4)), "dstport", "5533",
-                                   "srcport", "5533", "5534"])
+    netns.run(
+        lab.plan.ns("pod"),
+        [
+            "ip",
+            "link",
+            "add",
+            "vxlan0",
+            "type",
+            "vxlan",
+            "id",
+            "333",
+            "dev",
+            "eth0",
+            "remote",
+            str(lab.plan.public_address(4)),
+            "dstport",
+            "5533",
+            "srcport",
+            "5533",
+            "5534",
+        ],
+    )
     netns.run(lab.plan.ns("pod"), ["ip", "addr", "add", "10.30.30.1/30", "dev", "vxlan0"])
     netns.run(lab.plan.ns("pod"), ["ip", "link", "set", "vxlan0", "up"])
 
 
 def _original_style_external(lab: Lab, dev: str) -> None:
-    netns.run(None, ["ip", "link", "add", dev, "type", "vxlan", "id", "333", "dev", lab.plan.lan_link,
-                     "remote", str(lab.plan.service(4).address), "dstport", "5533", "srcport", "5533", "5534"])
+    netns.run(
+        None,
+        [
+            "ip",
+            "link",
+            "add",
+            dev,
+            "type",
+            "vxlan",
+            "id",
+            "333",
+            "dev",
+            lab.plan.lan_link,
+            "remote",
+            str(lab.plan.service(4).address),
+            "dstport",
+            "5533",
+            "srcport",
+            "5533",
+            "5534",
+        ],
+    )
     netns.run(None, ["ip", "addr", "add", "10.30.30.2/30", "dev", dev])
     netns.run(None, ["ip", "link", "set", dev, "up"])
 
@@ -212,8 +262,9 @@ def test_original_style_works_when_the_external_side_sends_first(port_keeping_la
 
 
 @pytest.mark.parametrize("rewrite_ports", [False, True], ids=["port-keeping-nat", "port-rewriting-nat"])
-def test_original_style_fails_when_the_pod_sends_first_but_ours_works(rewrite_ports: bool, key_file: Path,
-                                                                      connect: type[Connect]) -> None:
+def test_original_style_fails_when_the_pod_sends_first_but_ours_works(
+    rewrite_ports: bool, key_file: Path, connect: type[Connect]
+) -> None:
     run = Run.new()
     lab = Lab(run, rewrite_ports=rewrite_ports)
     lab.up()
