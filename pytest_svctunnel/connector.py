@@ -29,7 +29,7 @@ from .protocol import (
     decode,
     encode,
 )
-from .waiting import Deadline
+from .waiting import Deadline, Stopwatch
 
 log = logging.getLogger("svctunnel.connect")
 RETRANSMIT_S = 1.0
@@ -127,8 +127,9 @@ def _handshake(settings: ConnectSettings, route: device.Route, hello: Hello) -> 
 class ExternalEnd:
     """Opens the tunnel from this host and removes its devices on close (safe to call twice)."""
 
-    def __init__(self, settings: ConnectSettings) -> None:
+    def __init__(self, settings: ConnectSettings, stopwatch: Stopwatch | None = None) -> None:
         self.settings = settings
+        self.stopwatch = stopwatch or Stopwatch()
         self._stack = ExitStack()
         self.connection: Connection | None = None
 
@@ -147,6 +148,7 @@ class ExternalEnd:
         hello = Hello(mtu, tuple(n.pod_network() for n in s.networks))
         deadline = Deadline.after(s.timeout)
         ack, local = _handshake(s, route, hello)
+        self.stopwatch.lap("handshake")
         mtu = min(mtu, ack.mtu)
         nets = tuple(n.with_mtu(mtu) for n in s.networks)
         for net in nets:
@@ -158,7 +160,9 @@ class ExternalEnd:
             device.ensure_vxlan(None, spec)
             device.set_peer(None, net.dev, s.service)
         log.info("handshake done: the pod sees this end as %s; %d network(s), mtu %d", ack.observed, len(nets), mtu)
+        self.stopwatch.lap("devices")
         wait_carries_traffic(nets, deadline)
+        self.stopwatch.lap("first ping")
         self.connection = Connection(s.service, ack.observed, local, nets)
         return self.connection
 

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING
 
 import pytest
 
 from .errors import SvcTunnelError
 from .networks import Network
-from .session import Tunnel, TunnelSession
 from .state import PLUGIN_STATE
+
+if TYPE_CHECKING:
+    from .session import Tunnel
 
 
 @pytest.fixture(scope="session")
@@ -24,12 +27,15 @@ def svctunnel(request: pytest.FixtureRequest) -> Iterator[Tunnel]:
     if state.error is not None:
         raise pytest.UsageError(str(state.error))
     assert state.config is not None
+    from .session import TunnelSession  # netlink and the backends load only when a tunnel is wanted
+
     session = TunnelSession(state.config, state.networks, state.run_id)
     state.session = session
     try:
         tunnel = session.start()
     except SvcTunnelError as exc:
         pytest.fail(f"svctunnel: {exc}", pytrace=False)
+    state.setup_note = f"tunnel ready in {session.stopwatch.render()}"
     yield tunnel
     note = session.stop(failed=request.session.testsfailed > 0)
     if note:

@@ -100,5 +100,8 @@ def pytest_runtest_makereport(
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
     state = config.stash.get(PLUGIN_STATE, None)
-    if state is not None and state.kept_note:
-        terminalreporter.write_line(f"svctunnel: {state.kept_note}")
+    if state is None:
+        return
+    for note in (state.setup_note, state.kept_note):
+        if note:
+            terminalreporter.write_line(f"svctunnel: {note}")

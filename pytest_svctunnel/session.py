@@ -21,7 +21,7 @@ from .networks import DEFAULT_NAME, Network
 from .privileges import require_net_admin
 from .protocol import Endpoint, IPAddress
 from .runs import Run
-from .waiting import Deadline
+from .waiting import Deadline, Stopwatch
 
 log = logging.getLogger("svctunnel.session")
 
@@ -76,7 +76,7 @@ class Tunnel:
 class Backend(Protocol):
     """Where the pod end runs. ``deploy`` returns the Service address to send hellos to."""
 
-    def deploy(self, key_file: Path, peer: IPAddress | None, deadline: Deadline) -> Endpoint: ...
+    def deploy(self, key_file: Path, peer: IPAddress | None, deadline: Deadline, stopwatch: Stopwatch) -> Endpoint: ...
 
     def teardown(self, deadline: Deadline) -> None: ...
 
@@ -91,9 +91,11 @@ class LabBackend:
     def __init__(self, run: Run, port: int) -> None:
         self.lab = Lab(run, port=port)
 
-    def deploy(self, key_file: Path, peer: IPAddress | None, deadline: Deadline) -> Endpoint:
+    def deploy(self, key_file: Path, peer: IPAddress | None, deadline: Deadline, stopwatch: Stopwatch) -> Endpoint:
         self.lab.up(timeout=deadline.remaining())
+        stopwatch.lap("lab up")
         self.lab.start_agent(key_file, peer=peer, timeout=deadline.remaining())
+        stopwatch.lap("agent listening")
         return self.lab.plan.service(4)
 
     def teardown(self, deadline: Deadline) -> None:
@@ -133,6 +135,7 @@ class TunnelSession:
         self._backend: Backend | None = None
         self._run: Run | None = None
         self._snapshot: str | None = None
+        self.stopwatch = Stopwatch()
         self.tunnel: Tunnel | None = None
 
     def start(self) -> Tunnel:
@@ -153,12 +156,11 @@ class TunnelSession:
         keys.write_key_file(key_file, key_hex)
         backend = self._backend = make_backend(self.config, run)
         self._stack.callback(lambda: backend.teardown(Deadline.after(timeout)))
-        service = backend.deploy(key_file, self.config.peer, Deadline.after(timeout))
-        end = ExternalEnd(
-            ConnectSettings(
-                service, keys.parse_key(key_hex, "session key"), self.networks, timeout, self.config.underlay_dev
-            )
+        service = backend.deploy(key_file, self.config.peer, Deadline.after(timeout), self.stopwatch)
+        settings = ConnectSettings(
+            service, keys.parse_key(key_hex, "session key"), self.networks, timeout, self.config.underlay_dev
         )
+        end = ExternalEnd(settings, self.stopwatch)
         self._stack.callback(end.close)
         conn: Connection = end.open()
         self.tunnel = Tunnel(MappingProxyType({n.name: n for n in conn.networks}), service, conn.peer, self.run_id)

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import pytest
 
 from .config import TunnelConfig
 from .errors import ConfigError
 from .networks import Network
-from .session import TunnelSession
+
+if TYPE_CHECKING:  # the session pulls in netlink; load it only when a fixture runs
+    from .session import TunnelSession
 
 
 @dataclass
@@ -20,6 +23,7 @@ class PluginState:
     networks: tuple[Network, ...] = field(default_factory=tuple)
     session: TunnelSession | None = None
     kept_note: str | None = None
+    setup_note: str | None = None
 
 
 PLUGIN_STATE = pytest.StashKey[PluginState]()

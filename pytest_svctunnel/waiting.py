@@ -51,3 +51,24 @@ def wait_for(
             state = describe() if describe else "condition never held"
             raise WaitTimeout(phase, deadline.seconds, state, hint)
         time.sleep(min(interval, max(deadline.remaining(), 0.001)))
+
+
+class Stopwatch:
+    """Times consecutive phases of a setup, for the report and the benchmarks."""
+
+    def __init__(self) -> None:
+        self.phases: dict[str, float] = {}
+        self._started = self._last = time.monotonic()
+
+    def lap(self, phase: str) -> None:
+        now = time.monotonic()
+        self.phases[phase] = now - self._last
+        self._last = now
+
+    @property
+    def total(self) -> float:
+        return self._last - self._started
+
+    def render(self) -> str:
+        parts = ", ".join(f"{name} {seconds:.2f} s" for name, seconds in self.phases.items())
+        return f"{self.total:.2f} s ({parts})"
