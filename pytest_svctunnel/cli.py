@@ -8,7 +8,6 @@ import logging
 import os
 import signal
 import sys
-import threading
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
@@ -193,15 +192,23 @@ def _agent(args: argparse.Namespace) -> int:
     return run_agent(settings)
 
 
+class _Stop(BaseException):
+    """Raised from a SIGTERM/SIGINT handler; unwinds through every cleanup step."""
+
+
+def _raise_stop(_signum: int, _frame: object) -> None:
+    raise _Stop
+
+
 def _connect(args: argparse.Namespace) -> int:
     key = keys.read_key_file(args.key_file)
     net = single_network(args.dev, args.vni, args.ipv4, args.ipv6, args.remote_ipv4, args.remote_ipv6)
     require_net_admin("svctunnel connect")
     settings = ConnectSettings(args.service, key, (net,), args.timeout, args.underlay_dev)
-    stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
+        signal.signal(signum, _raise_stop)
     end = ExternalEnd(settings)
+    ready = False
     try:
         conn = end.open()
         built = conn.networks[0]
@@ -212,11 +219,14 @@ def _connect(args: argparse.Namespace) -> int:
             f"service={conn.service} peer={conn.peer} port={conn.local.port}",
             flush=True,
         )
-        while not stop.wait(0.5):
-            pass
+        ready = True
+        while True:
+            signal.pause()
+    except _Stop:
+        logging.getLogger("svctunnel.connect").info("stopping: removing %s", net.dev)
     finally:
         end.close()
-    return 0
+    return 0 if ready else 130
 
 
 def _lab(args: argparse.Namespace) -> int:

@@ -16,6 +16,7 @@ from typing import Any
 
 STATE_ENV = "SVCTUNNEL_STATE_DIR"
 _DEFAULT_ROOT = "/run/svctunnel"
+_JOURNAL = "runs.journal"
 
 
 def state_root() -> Path:
@@ -44,6 +45,8 @@ class Run:
         root.mkdir(parents=True, exist_ok=True, mode=0o700)
         path = root / run_id
         path.mkdir(mode=0o700)
+        with (root / _JOURNAL).open("a", encoding="ascii") as journal:
+            journal.write(run_id + "\n")
         run = cls(run_id, path)
         run.write("owner.json", {"pid": os.getpid()})
         return run
@@ -73,6 +76,14 @@ class Run:
 
 def new_run_id() -> str:
     return secrets.token_hex(3)
+
+
+def journaled_ids() -> list[str]:
+    """Every run id ever created under this state root, removed runs included."""
+    try:
+        return (state_root() / _JOURNAL).read_text(encoding="ascii").split()
+    except FileNotFoundError:
+        return []
 
 
 def all_runs() -> list[Run]:

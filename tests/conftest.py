@@ -11,7 +11,7 @@ import pytest
 
 from pytest_svctunnel import device, keys, netns
 from pytest_svctunnel.lab import Lab
-from pytest_svctunnel.runs import Run
+from pytest_svctunnel.runs import STATE_ENV, Run, journaled_ids
 
 from .helpers import Connect
 
@@ -33,24 +33,27 @@ def _root_rule(request: pytest.FixtureRequest) -> None:
     pytest.skip(message)
 
 
-def _ours() -> tuple[set[str], set[str], set[str]]:
-    namespaces = set(netns.listing("svt-"))
-    links = set(device.links_with_prefix(None, "svt"))
-    procs = subprocess.run(["pgrep", "-f", "pytest_svctunnel (agent|connect)"], capture_output=True, text=True)
-    return namespaces, links, set(procs.stdout.split())
+def _leftovers(state_dir: Path) -> list[str]:
+    """Namespaces, links and processes of the runs journaled under ``state_dir`` that still exist."""
+    found: list[str] = []
+    for run_id in journaled_ids():
+        found += netns.listing(f"svt-{run_id}-")
+        found += device.links_with_prefix(None, f"svt{run_id}-")
+    procs = subprocess.run(["pgrep", "-af", str(state_dir)], capture_output=True, text=True).stdout
+    found += [line for line in procs.splitlines() if "pgrep" not in line]
+    return found
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _nothing_leaked() -> Iterator[None]:
-    """After the whole suite: no namespace, link or agent/connect process that the suite made remains."""
-    if not _can_use_netns():
-        yield
-        return
-    before = _ours()
+def _nothing_leaked(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The suite's runs get their own state directory (inherited by pytester subprocesses);
+    at the end, no namespace, link or process of any of those runs may remain."""
+    state_dir = tmp_path_factory.mktemp("svctunnel-state")
+    os.environ[STATE_ENV] = str(state_dir)
     yield
-    after = _ours()
-    leaked = [sorted(a - b) for a, b in zip(after, before, strict=False)]
-    assert not any(leaked), f"left behind: namespaces {leaked[0]}, links {leaked[1]}, processes {leaked[2]}"
+    if _can_use_netns():
+        leaked = _leftovers(state_dir)
+        assert not leaked, f"left behind by this test session: {leaked}"
 
 
 @pytest.fixture
@@ -59,6 +62,12 @@ def run() -> Iterator[Run]:
     r = Run.new()
     yield r
     r.remove()
+
+
+@pytest.fixture
+def dev(run: Run) -> str:
+    """A tunnel device name unique to this test's run."""
+    return run.link_prefix + "t0"
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from pytest_svctunnel import device, keys, netns
+from pytest_svctunnel.runs import new_run_id
 
 from .helpers import svctunnel_cmd
 
@@ -41,6 +42,8 @@ def short_key(tmp_path: Path) -> Path:
     return path
 
 
+RUN = new_run_id()
+
 CONNECT_BAD = [
     pytest.param(["--ipv4", "10.30.30.300/30"], "10.30.30.300/30", id="ipv4-does-not-parse"),
     pytest.param(["--ipv4", "10.30.30.2"], "with prefix", id="ipv4-without-prefix"),
@@ -72,7 +75,7 @@ def test_connect_bad_arguments(extra: list[str], needle: str, good_key: Path, sh
     assert len(lines) == 1, done.stderr
     assert needle in lines[0]
     assert done.stdout == ""
-    assert not device.links_with_prefix(None, "svtclitest")
+    assert not device.links_with_prefix(None, f"svt{RUN}-")
 
 
 AGENT_BAD = [

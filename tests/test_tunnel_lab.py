@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import socket
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from pytest_svctunnel import keys, netns
 from pytest_svctunnel.lab import Lab
 from pytest_svctunnel.runs import Run
 
-from .helpers import Connect, ping
+from .helpers import Connect, ping, svctunnel_cmd
 
 pytestmark = pytest.mark.root
 
@@ -30,55 +31,51 @@ def agent(lab: Lab, key_file: Path) -> Lab:
     return lab
 
 
-def test_default_network_carries_ipv4_and_ipv6(agent: Lab, key_file: Path, connect: type[Connect]) -> None:
-    c = connect(
-        ["--service", str(agent.plan.service(4)), "--key-file", str(key_file), "--dev", "svttest0", "--timeout", "20"]
-    )
+def test_default_network_carries_ipv4_and_ipv6(agent: Lab, key_file: Path, connect: type[Connect], dev: str) -> None:
+    c = connect(["--service", str(agent.plan.service(4)), "--key-file", str(key_file), "--dev", dev, "--timeout", "20"])
     fields = _ready_fields(c.ready_line())
-    assert fields["dev"] == "svttest0" and fields["vni"] == "333"
+    assert fields["dev"] == dev and fields["vni"] == "333"
     assert fields["local"] == "10.30.30.2/30,fd00:3030::2/126"
     assert fields["remote"] == "10.30.30.1/30,fd00:3030::1/126"
-    assert ping("10.30.30.1", "svttest0", count=3).returncode == 0
-    assert ping("fd00:3030::1", "svttest0", count=3).returncode == 0
+    assert ping("10.30.30.1", dev, count=3).returncode == 0
+    assert ping("fd00:3030::1", dev, count=3).returncode == 0
     # and from the pod end towards us, over the same tunnel
     assert ping("10.30.30.2", ns=agent.plan.ns("pod")).returncode == 0
     assert ping("fd00:3030::2", ns=agent.plan.ns("pod")).returncode == 0
 
 
-def test_port_rewriting_nat_is_learned(agent: Lab, key_file: Path, connect: type[Connect]) -> None:
-    c = connect(["--service", str(agent.plan.service(4)), "--key-file", str(key_file), "--dev", "svttest0"])
+def test_port_rewriting_nat_is_learned(agent: Lab, key_file: Path, connect: type[Connect], dev: str) -> None:
+    c = connect(["--service", str(agent.plan.service(4)), "--key-file", str(key_file), "--dev", dev])
     fields = _ready_fields(c.ready_line())
     peer_address, peer_port = fields["peer"].rsplit(":", 1)
     assert peer_address == str(agent.plan.public_address(4))
     assert peer_port != fields["port"], "the home NAT should have rewritten the source port"
     assert 20000 <= int(peer_port) <= 29999
-    fdb = netns.run(agent.plan.ns("pod"), ["bridge", "fdb", "show", "dev", "svttest0"])
+    fdb = netns.run(agent.plan.ns("pod"), ["bridge", "fdb", "show", "dev", dev])
     assert f"dst {peer_address}" in fdb and f"port {peer_port}" in fdb
-    assert ping("10.30.30.1", "svttest0").returncode == 0
+    assert ping("10.30.30.1", dev).returncode == 0
 
 
 @pytest.mark.parametrize("outer", [4, 6], ids=["ipv4-outer", "ipv6-outer"])
-def test_dont_fragment_mtu(agent: Lab, key_file: Path, connect: type[Connect], outer: int) -> None:
-    c = connect(["--service", str(agent.plan.service(outer)), "--key-file", str(key_file), "--dev", "svttest0"])
+def test_dont_fragment_mtu(agent: Lab, key_file: Path, connect: type[Connect], outer: int, dev: str) -> None:
+    c = connect(["--service", str(agent.plan.service(outer)), "--key-file", str(key_file), "--dev", dev])
     fields = _ready_fields(c.ready_line())
     mtu = 1500 - (50 if outer == 4 else 70)
     assert fields["mtu"] == str(mtu)
-    pod_mtu = netns.run(agent.plan.ns("pod"), ["cat", "/sys/class/net/svttest0/mtu"]).strip()
+    pod_mtu = netns.run(agent.plan.ns("pod"), ["cat", f"/sys/class/net/{dev}/mtu"]).strip()
     assert pod_mtu == str(mtu)
     for address, header in (("10.30.30.1", 28), ("fd00:3030::1", 48)):
-        largest = ping(address, "svttest0", size=mtu - header, dont_fragment=True)
+        largest = ping(address, dev, size=mtu - header, dont_fragment=True)
         assert largest.returncode == 0, largest.stdout + largest.stderr
-        too_big = ping(address, "svttest0", size=mtu - header + 1, dont_fragment=True)
+        too_big = ping(address, dev, size=mtu - header + 1, dont_fragment=True)
         assert too_big.returncode != 0
         assert "message too long" in (too_big.stdout + too_big.stderr).lower()
 
 
-def test_wrong_key_is_never_answered(agent: Lab, run: Run, connect: type[Connect]) -> None:
+def test_wrong_key_is_never_answered(agent: Lab, run: Run, connect: type[Connect], dev: str) -> None:
     wrong = run.dir / "wrong.key"
     keys.write_key_file(wrong, keys.generate_key())
-    c = connect(
-        ["--service", str(agent.plan.service(4)), "--key-file", str(wrong), "--dev", "svttest0", "--timeout", "3"]
-    )
+    c = connect(["--service", str(agent.plan.service(4)), "--key-file", str(wrong), "--dev", dev, "--timeout", "3"])
     assert c.proc.wait(30) == 1
     err = c.stderr()
     assert "handshake" in err and "no answer to any hello" in err
@@ -87,7 +84,7 @@ def test_wrong_key_is_never_answered(agent: Lab, run: Run, connect: type[Connect
     table = agent.conntrack("node")
     flows = [line for line in table.splitlines() if f"dport={agent.plan.port}" in line]
     assert flows and all("UNREPLIED" in line for line in flows), table
-    assert "svttest0" not in netns.run(agent.plan.ns("pod"), ["ip", "-o", "link"])
+    assert dev not in netns.run(agent.plan.ns("pod"), ["ip", "-o", "link"])
 
 
 def _flows_originated_by(table: str, address: object) -> list[str]:
@@ -116,8 +113,8 @@ def test_pod_end_sends_nothing_before_a_hello(agent: Lab) -> None:
     assert _flows_originated_by(agent.conntrack("node"), pod)
 
 
-def test_flow_is_opened_from_outside(agent: Lab, key_file: Path, connect: type[Connect]) -> None:
-    connect(["--service", str(agent.plan.service(4)), "--key-file", str(key_file), "--dev", "svttest0"]).ready_line()
+def test_flow_is_opened_from_outside(agent: Lab, key_file: Path, connect: type[Connect], dev: str) -> None:
+    connect(["--service", str(agent.plan.service(4)), "--key-file", str(key_file), "--dev", dev]).ready_line()
     table = agent.conntrack("node")
     flows = [line for line in table.splitlines() if f"dport={agent.plan.port}" in line]
     assert len(flows) == 1, table
@@ -126,31 +123,71 @@ def test_flow_is_opened_from_outside(agent: Lab, key_file: Path, connect: type[C
     assert "UNREPLIED" not in flows[0], "the pod end answered along the same flow"
 
 
-def test_peer_pin(lab: Lab, key_file: Path, connect: type[Connect]) -> None:
+def test_peer_pin(lab: Lab, key_file: Path, connect: type[Connect], dev: str) -> None:
     lab.start_agent(key_file, peer=lab.plan.public_address(4))
-    ok = connect(["--service", str(lab.plan.service(4)), "--key-file", str(key_file), "--dev", "svttest0"])
+    ok = connect(["--service", str(lab.plan.service(4)), "--key-file", str(key_file), "--dev", dev])
     ok.ready_line()
     assert ok.stop() == 0
     lab.stop_agent()
     lab.start_agent(key_file, peer=lab.plan.external_address(4))  # the un-NATed address: never what the pod sees
     pinned_out = connect(
-        ["--service", str(lab.plan.service(4)), "--key-file", str(key_file), "--dev", "svttest1", "--timeout", "3"]
+        ["--service", str(lab.plan.service(4)), "--key-file", str(key_file), "--dev", dev + "b", "--timeout", "3"]
     )
     assert pinned_out.proc.wait(30) == 1
     assert "unexpected-peer" in lab.log_text()
 
 
-def test_connect_and_agent_remove_what_they_built(agent: Lab, key_file: Path, connect: type[Connect]) -> None:
-    c = connect(["--service", str(agent.plan.service(4)), "--key-file", str(key_file), "--dev", "svttest0"])
+def test_connect_and_agent_remove_what_they_built(agent: Lab, key_file: Path, connect: type[Connect], dev: str) -> None:
+    c = connect(["--service", str(agent.plan.service(4)), "--key-file", str(key_file), "--dev", dev])
     c.ready_line()
     pod = agent.plan.ns("pod")
-    assert "svttest0" in netns.run(pod, ["ip", "-o", "link"])
+    assert dev in netns.run(pod, ["ip", "-o", "link"])
     assert c.stop() == 0
-    assert "svttest0" not in netns.run(None, ["ip", "-o", "link"])
+    assert dev not in netns.run(None, ["ip", "-o", "link"])
     agent.stop_agent()
-    assert "svttest0" not in netns.run(pod, ["ip", "-o", "link"])
+    assert dev not in netns.run(pod, ["ip", "-o", "link"])
     assert "svctunnel_" not in netns.run(pod, ["nft", "list", "tables"])
     assert "stopped" in agent.log_text()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_connect_stops_promptly_during_the_handshake(
+    lab: Lab, key_file: Path, connect: type[Connect], signum: int, dev: str
+) -> None:
+    """No agent: the handshake would wait its full timeout; a signal ends it at once, cleanly."""
+    c = connect(["--service", str(lab.plan.service(4)), "--key-file", str(key_file), "--dev", dev, "--timeout", "60"])
+    time.sleep(1.5)
+    started = time.monotonic()
+    c.proc.send_signal(signum)
+    assert c.proc.wait(10) == 130
+    assert time.monotonic() - started < 5
+    assert dev not in netns.run(None, ["ip", "-o", "link"])
+
+
+def test_lab_cli_up_status_down(connect: type[Connect], dev: str) -> None:
+    up = subprocess.run(svctunnel_cmd("lab", "up"), capture_output=True, text=True, timeout=120)
+    assert up.returncode == 0, up.stderr
+    run_id = up.stdout.split()[1].rstrip(":")
+    try:
+        assert all(netns.exists(f"svt-{run_id}-{role}") for role in ("home", "wan", "node", "pod"))
+        status = subprocess.run(svctunnel_cmd("lab", "status", "--run", run_id), capture_output=True, text=True)
+        assert "agent pid -" not in status.stdout and f"svt-{run_id}-pod" in status.stdout
+        command = next(line for line in up.stdout.splitlines() if line.startswith("connect:")).split()[2:]
+        c = connect([*command[1:], "--dev", dev])
+        c.ready_line()
+        assert ping("10.30.30.1", dev).returncode == 0
+        c.stop()
+    finally:
+        down = subprocess.run(svctunnel_cmd("lab", "down", "--run", run_id), capture_output=True, text=True)
+    assert down.returncode == 0, down.stderr
+    assert not netns.listing(f"svt-{run_id}")
+    assert not [
+        p
+        for p in subprocess.run(
+            ["pgrep", "-af", "pytest_svctunnel agent"], capture_output=True, text=True
+        ).stdout.splitlines()
+        if run_id in p
+    ]
 
 
 TAP_SCRIPT = """
@@ -254,16 +291,16 @@ def port_keeping_lab() -> Iterator[Lab]:
 def test_original_style_works_when_the_external_side_sends_first(port_keeping_lab: Lab) -> None:
     """Positive control: the lab is faithful, not simply broken for the original."""
     lab = port_keeping_lab
-    dev = f"{lab.plan.link_prefix}orig"
-    _original_style_external(lab, dev)
-    ping("10.30.30.1", dev, count=1)  # opens the flow through the Service; nobody answers yet
+    orig = f"{lab.plan.link_prefix}orig"
+    _original_style_external(lab, orig)
+    ping("10.30.30.1", orig, count=1)  # opens the flow through the Service; nobody answers yet
     _original_style_pod(lab)
-    assert ping("10.30.30.1", dev, count=3).returncode == 0
+    assert ping("10.30.30.1", orig, count=3).returncode == 0
 
 
 @pytest.mark.parametrize("rewrite_ports", [False, True], ids=["port-keeping-nat", "port-rewriting-nat"])
 def test_original_style_fails_when_the_pod_sends_first_but_ours_works(
-    rewrite_ports: bool, key_file: Path, connect: type[Connect]
+    rewrite_ports: bool, key_file: Path, connect: type[Connect], dev: str
 ) -> None:
     run = Run.new()
     lab = Lab(run, rewrite_ports=rewrite_ports)
@@ -273,18 +310,18 @@ def test_original_style_fails_when_the_pod_sends_first_but_ours_works(
         ping("10.30.30.2", ns=lab.plan.ns("pod"), count=2)  # the pod speaks first: masqueraded to the node
         node_table = lab.conntrack("node")
         assert f"src={lab.plan.pod_address(4)}" in node_table
-        dev = f"{lab.plan.link_prefix}orig"
-        _original_style_external(lab, dev)
-        result = ping("10.30.30.1", dev, count=3)
+        orig = f"{lab.plan.link_prefix}orig"
+        _original_style_external(lab, orig)
+        result = ping("10.30.30.1", orig, count=3)
         assert result.returncode != 0, "the original's tunnel must not carry traffic after the pod spoke first"
         # ours, in the same poisoned lab: the stale conntrack entries stay, and do not matter
-        netns.run(None, ["ip", "link", "del", dev])
+        netns.run(None, ["ip", "link", "del", orig])
         netns.run(lab.plan.ns("pod"), ["ip", "link", "del", "vxlan0"])
         lab.start_agent(key_file)
-        c = connect(["--service", str(lab.plan.service(4)), "--key-file", str(key_file), "--dev", "svttest0"])
+        c = connect(["--service", str(lab.plan.service(4)), "--key-file", str(key_file), "--dev", dev])
         c.ready_line()
-        assert ping("10.30.30.1", "svttest0", count=3).returncode == 0
-        assert ping("fd00:3030::1", "svttest0", count=3).returncode == 0
+        assert ping("10.30.30.1", dev, count=3).returncode == 0
+        assert ping("fd00:3030::1", dev, count=3).returncode == 0
         assert f"src={lab.plan.pod_address(4)}" in lab.conntrack("node"), "the poisoned entry is still there"
         c.stop()
     finally:
