@@ -28,6 +28,8 @@ OPTION_KEYS = ("backend", "peer", "port", "vni", "timeout", "keep", "underlay_de
 FLAGS = tuple("--svctunnel-" + key.replace("_", "-") for key in OPTION_KEYS)
 ROLES = ("home", "wan", "node", "pod")
 INNER_TIMEOUT_S = 180
+# hypothesis' plugin re-imports hypothesis in every in-process run (about 0.5 s); the inner runs do not use it
+NO_HYPOTHESIS = ("-p", "no:hypothesispytest")
 
 _HEADER = re.compile(r"svctunnel: run (?P<run>[0-9a-f]{6}); (?P<items>.*)")
 _ITEM = re.compile(r"(?P<key>\w+)=(?P<value>.*) \((?P<source>cli|env|ini|default)\)")
@@ -65,6 +67,10 @@ def header(result: pytest.RunResult) -> tuple[str, dict[str, tuple[str, str]]]:
         items[parsed["key"]] = (parsed["value"], parsed["source"])
     assert tuple(items) == OPTION_KEYS, lines[0]
     return match["run"], items
+
+
+def inprocess(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
+    return pytester.runpytest(*NO_HYPOTHESIS, *args)
 
 
 def netns_names() -> set[str]:
@@ -148,6 +154,7 @@ class InnerRuns:
 
     def run(self, *args: str) -> tuple[pytest.RunResult, str]:
         result = self.pytester.runpytest_subprocess(
+            *NO_HYPOTHESIS,
             "-p",
             "no:cacheprovider",
             "--timeout",
@@ -195,7 +202,7 @@ def inner(pytester: pytest.Pytester) -> Iterator[InnerRuns]:
 
 def test_header_shows_cli_value(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(PROBE)
-    result = pytester.runpytest("--svctunnel-port", "6000", "--svctunnel-keep", "on-failure")
+    result = inprocess(pytester, "--svctunnel-port", "6000", "--svctunnel-keep", "on-failure")
     assert result.ret == pytest.ExitCode.OK
     line = next(line for line in result.outlines if line.startswith("svctunnel:"))
     assert "port=6000 (cli)" in line
@@ -209,7 +216,7 @@ def test_header_shows_env_value(pytester: pytest.Pytester, monkeypatch: pytest.M
     pytester.makepyfile(PROBE)
     monkeypatch.setenv("SVCTUNNEL_PORT", "6000")
     monkeypatch.setenv("SVCTUNNEL_PEER", "192.0.2.9")
-    result = pytester.runpytest()
+    result = inprocess(pytester)
     assert result.ret == pytest.ExitCode.OK
     _, items = header(result)
     assert items["port"] == ("6000", "env")
@@ -233,7 +240,7 @@ def test_header_shows_ini_value(pytester: pytest.Pytester, config_file: tuple[st
     else:
         pytester.makepyprojecttoml(text)
     pytester.makepyfile(PROBE)
-    result = pytester.runpytest()
+    result = inprocess(pytester)
     assert result.ret == pytest.ExitCode.OK
     _, items = header(result)
     assert items["port"] == ("6000", "ini")
@@ -242,7 +249,7 @@ def test_header_shows_ini_value(pytester: pytest.Pytester, config_file: tuple[st
 
 def test_header_shows_defaults(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(PROBE)
-    result = pytester.runpytest()
+    result = inprocess(pytester)
     assert result.ret == pytest.ExitCode.OK
     _, items = header(result)
     assert {key: source for key, (_, source) in items.items()} == dict.fromkeys(OPTION_KEYS, "default")
@@ -261,8 +268,8 @@ def test_precedence_cli_over_env_over_ini(pytester: pytest.Pytester, monkeypatch
     monkeypatch.setenv("SVCTUNNEL_VNI", "701")
     monkeypatch.setenv("SVCTUNNEL_PEER", "192.0.2.1")
     pytester.makepyfile(PROBE)
-    result = pytester.runpytest(
-        "--svctunnel-port", "6000", "--svctunnel-timeout", "11", "--svctunnel-peer", "192.0.2.2"
+    result = inprocess(
+        pytester, "--svctunnel-port", "6000", "--svctunnel-timeout", "11", "--svctunnel-peer", "192.0.2.2"
     )
     assert result.ret == pytest.ExitCode.OK
     _, items = header(result)
@@ -299,7 +306,7 @@ def test_invalid_setting_is_usage_error(
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     pytester.makepyfile(PROBE)
-    result = pytester.runpytest(*args)
+    result = inprocess(pytester, *args)
     assert result.ret == USAGE_ERROR
     errors = [line for line in result.errlines if line.startswith("ERROR: svctunnel:")]
     assert len(errors) == 1, result.errlines
@@ -311,7 +318,7 @@ def test_invalid_setting_is_usage_error(
 def test_invalid_ini_value_names_the_ini_key(pytester: pytest.Pytester) -> None:
     pytester.makeini("[pytest]\nsvctunnel_port = 70000\n")
     pytester.makepyfile(PROBE)
-    result = pytester.runpytest()
+    result = inprocess(pytester)
     assert result.ret == USAGE_ERROR
     result.stderr.fnmatch_lines(["ERROR: svctunnel:*svctunnel_port*70000*"])
     assert not (pytester.path / "ran").exists()
@@ -331,11 +338,11 @@ def test_help_and_markers_work_with_invalid_settings(
 ) -> None:
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    helped = pytester.runpytest(*args, "--help")
+    helped = inprocess(pytester, *args, "--help")
     assert helped.ret == pytest.ExitCode.OK, helped.errlines
     for flag in FLAGS:
         assert any(line.lstrip().startswith(flag) for line in helped.outlines), f"{flag} not in --help"
-    marked = pytester.runpytest(*args, "--markers")
+    marked = inprocess(pytester, *args, "--markers")
     assert marked.ret == pytest.ExitCode.OK, marked.errlines
     marked.stdout.fnmatch_lines(["@pytest.mark.svctunnel_network(name, *, ipv4=None, ipv6=None, vni=None):*"])
 
@@ -462,7 +469,7 @@ def test_marker_error_is_usage_error_before_anything_runs(pytester: pytest.Pytes
     source, args, fragments = MARKER_ERRORS[case]
     pytester.makepyfile(test_aaa_probe=PROBE, test_marks=source)
     before = netns_names()
-    result = pytester.runpytest("--svctunnel-backend", "lab", *args)
+    result = inprocess(pytester, "--svctunnel-backend", "lab", *args)
     run_id, _ = header(result)
     assert result.ret == USAGE_ERROR
     errors = [line for line in result.errlines if line.startswith("ERROR: svctunnel:")]
@@ -490,7 +497,7 @@ def test_same_name_with_same_settings_is_fine(pytester: pytest.Pytester) -> None
         """,
     )
     before = netns_names()
-    result = pytester.runpytest("--svctunnel-backend", "lab", "--collect-only")
+    result = inprocess(pytester, "--svctunnel-backend", "lab", "--collect-only")
     run_id, _ = header(result)
     assert result.ret == pytest.ExitCode.OK, result.errlines
     result.stdout.fnmatch_lines(["*3 tests collected*"])
@@ -750,17 +757,8 @@ def test_missing_net_admin_fails_fixture_with_remedy(pytester: pytest.Pytester) 
             pass
         """
     )
-    result = pytester.run(
-        *NO_NET_ADMIN,
-        sys.executable,
-        "-m",
-        "pytest",
-        "-p",
-        "no:cacheprovider",
-        "--svctunnel-backend",
-        "lab",
-        timeout=INNER_TIMEOUT_S,
-    )
+    pytest_without_net_admin = (*NO_NET_ADMIN, sys.executable, "-m", "pytest", *NO_HYPOTHESIS, "-p", "no:cacheprovider")
+    result = pytester.run(*pytest_without_net_admin, "--svctunnel-backend", "lab", timeout=INNER_TIMEOUT_S)
     run_id, _ = header(result)
     result.assert_outcomes(passed=1, errors=1)
     text = "\n".join(block(result.outlines, "ERROR at setup of test_needs_tunnel"))
@@ -768,9 +766,7 @@ def test_missing_net_admin_fails_fixture_with_remedy(pytester: pytest.Pytester) 
     assert "as root" in text or "setcap" in text, text
     assert_nothing_left(run_id)
 
-    helped = pytester.run(
-        *NO_NET_ADMIN, sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--help", timeout=INNER_TIMEOUT_S
-    )
+    helped = pytester.run(*pytest_without_net_admin, "--help", timeout=INNER_TIMEOUT_S)
     assert helped.ret == pytest.ExitCode.OK, helped.errlines
     for flag in FLAGS:
         assert any(line.lstrip().startswith(flag) for line in helped.outlines), f"{flag} not in --help"
