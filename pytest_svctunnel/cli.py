@@ -13,10 +13,11 @@ from typing import Any, NoReturn
 
 from . import keys
 from .agent import AgentSettings, run_agent
+from .config import parse_port, parse_seconds, parse_vni
 from .connector import ConnectSettings, ExternalEnd
 from .errors import ConfigError, SvcTunnelError
 from .lab import Lab, lab_runs
-from .networks import DEFAULT_VNI, MAX_VNI, single_network
+from .networks import DEFAULT_VNI, single_network
 from .privileges import require_net_admin
 from .protocol import Endpoint, valid_dev_name
 from .runs import Run
@@ -31,24 +32,21 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
 
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if not 1 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"port {text!r} is outside 1..65535")
-    return value
+def _argument(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """Turn a ValueError-raising parser from config into an argparse type."""
+
+    def convert(text: str) -> Any:
+        try:
+            return parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return convert
 
 
-def _vni(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if not 1 <= value <= MAX_VNI:
-        raise argparse.ArgumentTypeError(f"VNI {text!r} is outside 1..{MAX_VNI}")
-    return value
+_port = _argument(parse_port)
+_vni = _argument(parse_vni)
+_timeout = _argument(parse_seconds)
 
 
 def _iface(version: int) -> Callable[[str], Any]:
@@ -93,16 +91,6 @@ def _dev(text: str) -> str:
     if not valid_dev_name(text):
         raise argparse.ArgumentTypeError(f"{text!r} is not a valid interface name (1-15 characters)")
     return text
-
-
-def _timeout(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1
-    if not 0 < value <= 3600:
-        raise argparse.ArgumentTypeError(f"timeout {text!r} must be 0..3600 seconds")
-    return value
 
 
 def _env(name: str, default: str | None = None) -> str | None:

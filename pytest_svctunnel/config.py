@@ -18,25 +18,32 @@ BACKENDS = ("lab", "kubernetes")
 KEEP = ("never", "on-failure", "always")
 
 
-def _port(text: str) -> int:
-    value = int(text)
-    if not 1 <= value <= 65535:
-        raise ValueError("outside 1..65535")
+def _number(text: str, cast: Callable[[str], float], what: str, low: int, high: int, low_open: bool) -> float:
+    try:
+        value = cast(text)
+    except ValueError:
+        kind = "a whole number" if cast is int else "a number"
+        raise ValueError(f"{what} {text!r} is not {kind}") from None
+    inside = low < value <= high if low_open else low <= value <= high  # also False for NaN
+    if not inside:
+        bounds = f"({low}, {high}]" if low_open else f"{low}..{high}"
+        raise ValueError(f"{what} {text!r} is outside {bounds}")
     return value
 
 
-def _vni(text: str) -> int:
-    value = int(text)
-    if not 1 <= value <= 0xFFFFFF:
-        raise ValueError("outside 1..16777215")
-    return value
+def parse_port(text: str) -> int:
+    """A UDP port, 1..65535; ValueError names the value and the range."""
+    return int(_number(text, int, "port", 1, 65535, False))
 
 
-def _timeout(text: str) -> float:
-    value = float(text)
-    if not 0 < value <= 3600:
-        raise ValueError("outside (0, 3600] seconds")
-    return value
+def parse_vni(text: str) -> int:
+    """A VXLAN network identifier, 1..16777215."""
+    return int(_number(text, int, "VNI", 1, 0xFFFFFF, False))
+
+
+def parse_seconds(text: str) -> float:
+    """A deadline or interval in seconds, more than 0 and at most an hour."""
+    return _number(text, float, "seconds", 0, 3600, True)
 
 
 def _choice(choices: tuple[str, ...]) -> Callable[[str], str]:
@@ -88,9 +95,9 @@ OPTIONS: tuple[Option, ...] = (
         "where the pod end runs: lab (network namespaces on this host) or kubernetes",
     ),
     Option("peer", _peer, None, "the address hellos must come from, as the pod sees it; others are ignored"),
-    Option("port", _port, "5533", "the Service's UDP port, also the pod end's listening port"),
-    Option("vni", _vni, "333", "VNI of the default network"),
-    Option("timeout", _timeout, "60", "deadline in seconds for each setup and teardown phase"),
+    Option("port", parse_port, "5533", "the Service's UDP port, also the pod end's listening port"),
+    Option("vni", parse_vni, "333", "VNI of the default network"),
+    Option("timeout", parse_seconds, "60", "deadline in seconds for each setup and teardown phase"),
     Option("keep", _choice(KEEP), "never", "keep what the session built: never, on-failure or always"),
     Option("underlay_dev", _text, None, "this host's device towards the Service (default: from the route)"),
 )
@@ -128,9 +135,10 @@ def resolve(
         values[option.key] = None if raw is None else _parse(option, raw, source)
         sources[option.key] = source
     if values["backend"] == "kubernetes":
+        where = _where(OPTION_BY_KEY["backend"], sources["backend"])
         raise ConfigError(
-            "--svctunnel-backend kubernetes is not available in this version;"
-            " use --svctunnel-backend lab (the built-in lab)"
+            f"{where}=kubernetes: the kubernetes backend is not available in this version;"
+            f" set {where} to lab, or pass --svctunnel-backend lab (the built-in lab)"
         )
     return TunnelConfig(sources=sources, **values)
 
@@ -147,8 +155,12 @@ def _first(
     return option.default, "default"
 
 
+def _where(option: Option, source: str) -> str:
+    return {"cli": option.flag, "env": option.env, "ini": f"ini {option.ini}", "default": option.flag}[source]
+
+
 def _parse(option: Option, raw: str, source: str) -> Any:
-    where = {"cli": option.flag, "env": option.env, "ini": f"ini {option.ini}", "default": option.flag}[source]
+    where = _where(option, source)
     try:
         return option.parse(str(raw).strip())
     except ValueError as exc:

@@ -20,7 +20,7 @@ class ReplayGuard:
     """
 
     def __init__(self, max_skew_s: float = DEFAULT_MAX_SKEW_S) -> None:
-        self.max_skew_ms = int(max_skew_s * 1000)
+        self.max_skew_ms = round(max_skew_s * 1000)
         self._highest: OrderedDict[bytes, int] = OrderedDict()
 
     def check(self, message: Message, now_ms: int) -> None:

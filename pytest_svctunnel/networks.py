@@ -158,7 +158,7 @@ class _Allocator:
         raise ConfigError(f"no free {pool} block left for another network; give ipv4=/ipv6= explicitly")
 
     def vni(self, base: int) -> int:
-        vni = base
+        vni = (base - 1) % MAX_VNI + 1  # wrap past the top of the range
         while vni in self.vnis:
             vni = vni % MAX_VNI + 1
         self.vnis.add(vni)

@@ -211,6 +211,14 @@ def validate(message: Message) -> None:
             raise ValueError(f"a hello carries 1 to {MAX_NETWORKS} networks")
         for net in body.networks:
             _validate_network(net)
+        if len({n.vni for n in body.networks}) != len(body.networks):
+            raise ValueError("two networks of one hello share a VNI")
+        if len({n.dev for n in body.networks}) != len(body.networks):
+            raise ValueError("two networks of one hello share a device name")
+    if isinstance(body, (Challenge, Ack)) and not 0 <= body.observed.port <= 65535:
+        raise ValueError(f"port {body.observed.port} is outside 0..65535")
+    if isinstance(body, Ack) and not 0 <= body.built <= MAX_NETWORKS:
+        raise ValueError(f"an ack reports 0 to {MAX_NETWORKS} networks built")
     if isinstance(body, (Challenge, Confirm)) and len(body.nonce) != NONCE_LEN:
         raise ValueError("nonce must be 16 bytes")
     if isinstance(body, (Hello, Ack)) and not 68 <= body.mtu <= 65535:
@@ -273,6 +281,8 @@ def _decode_body(mtype: MsgType, raw: bytes) -> Body:
         _expect_len(raw, _ENDPOINT.size + 3)
         mtu, built = struct.unpack_from("!HB", raw, _ENDPOINT.size)
         _check_mtu(mtu)
+        if built > MAX_NETWORKS:
+            raise ProtocolError(Reject.BODY, f"ack reports {built} networks built")
         return Ack(_decode_endpoint(raw[: _ENDPOINT.size]), mtu, built)
     except (ValueError, struct.error, UnicodeDecodeError) as exc:
         if isinstance(exc, ProtocolError):

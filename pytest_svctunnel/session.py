@@ -5,6 +5,7 @@ Plain Python: the pytest fixtures are a thin shell over ``TunnelSession``.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 from collections.abc import Mapping
 from contextlib import ExitStack
@@ -57,19 +58,19 @@ class Tunnel:
         return self.default.mtu
 
     @property
-    def local_ipv4(self) -> object:
+    def local_ipv4(self) -> ipaddress.IPv4Interface | None:
         return self.default.local_ipv4
 
     @property
-    def local_ipv6(self) -> object:
+    def local_ipv6(self) -> ipaddress.IPv6Interface | None:
         return self.default.local_ipv6
 
     @property
-    def remote_ipv4(self) -> object:
+    def remote_ipv4(self) -> ipaddress.IPv4Interface | None:
         return self.default.remote_ipv4
 
     @property
-    def remote_ipv6(self) -> object:
+    def remote_ipv6(self) -> ipaddress.IPv6Interface | None:
         return self.default.remote_ipv6
 
 

@@ -6,7 +6,7 @@ import hashlib
 import hmac
 import ipaddress
 import struct
-from typing import Any
+from typing import TypeVar
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -49,6 +49,8 @@ HELLO_FIXED = 3  # mtu, network count
 NET0 = HEADER_LEN + HELLO_FIXED  # offset of the first network record in a hello datagram
 OFF_VNI, OFF_PLEN4, OFF_ADDR4, OFF_PLEN6, OFF_ADDR6, OFF_NAME = 0, 4, 5, 9, 10, 26
 ABSENT = 0xFF
+
+T = TypeVar("T")
 
 
 def mac(data: bytes, key: bytes = KEY) -> bytes:
@@ -254,6 +256,7 @@ BAD_DATAGRAMS: dict[str, tuple[bytes, Reject]] = {
     "ack-mtu-67": (resign(patch(ACK, HEADER_LEN + ENDPOINT_LEN, struct.pack("!H", 67))), Reject.BODY),
     "ack-family-6-as-4": (resign(patch(ACK6, HEADER_LEN, b"\x04")), Reject.BODY),
     "ack-family-255": (resign(patch(ACK, HEADER_LEN, b"\xff")), Reject.BODY),
+    "ack-built-17": (resign(patch(ACK, HEADER_LEN + ENDPOINT_LEN + 2, bytes([17]))), Reject.BODY),
 }
 
 
@@ -344,6 +347,7 @@ UNREPRESENTABLE: dict[str, Message] = {
     "ack-port-70000": message(Ack(Endpoint(ipaddress.IPv4Address("192.0.2.1"), 70000), 1450, 1)),
     "challenge-port-negative": message(Challenge(NONCE, Endpoint(ipaddress.IPv4Address("192.0.2.1"), -1))),
     "ack-built-256": message(Ack(V4_END, 1450, 256)),
+    "ack-built-17": message(Ack(V4_END, 1450, MAX_NETWORKS + 1)),
     "ack-built-negative": message(Ack(V4_END, 1450, -1)),
 }
 
@@ -438,7 +442,7 @@ bodies: st.SearchStrategy[Body] = st.one_of(
     hellos,
     st.builds(Challenge, nonces, endpoints),
     st.builds(Confirm, nonces),
-    st.builds(Ack, endpoints, mtus, st.integers(0, 255)),
+    st.builds(Ack, endpoints, mtus, st.integers(0, MAX_NETWORKS)),
 )
 messages = st.builds(
     Message,
@@ -480,7 +484,7 @@ def test_property_arbitrary_bytes_only_protocol_error(datagram: bytes) -> None:
     _decode_only_protocol_errors(datagram, KEY)
 
 
-def mostly(good: st.SearchStrategy[Any], bad: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+def mostly(good: st.SearchStrategy[T], bad: st.SearchStrategy[T]) -> st.SearchStrategy[T]:
     """Draws from ``good`` about four times in five, so that valid and invalid inputs both occur."""
     return st.sampled_from([True, True, True, True, False]).flatmap(lambda ok: good if ok else bad)
 
@@ -580,7 +584,7 @@ def test_property_nonce_must_be_16_bytes(nonce: bytes, endpoint: Endpoint, confi
 
 @given(
     st.integers(max_value=67) | st.integers(min_value=65536),
-    st.one_of(hellos, st.builds(Ack, endpoints, mtus, st.integers(0, 255))),
+    st.one_of(hellos, st.builds(Ack, endpoints, mtus, st.integers(0, MAX_NETWORKS))),
 )
 def test_property_mtu_out_of_range(mtu: int, body: Hello | Ack) -> None:
     bad: Body = Hello(mtu, body.networks) if isinstance(body, Hello) else Ack(body.observed, mtu, body.built)

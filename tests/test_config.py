@@ -1,0 +1,256 @@
+"""Settings: CLI > environment > ini > default, where each value came from, and errors naming what to fix."""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from pytest_svctunnel.config import OPTION_BY_KEY, OPTIONS, TunnelConfig, resolve
+from pytest_svctunnel.errors import ConfigError
+
+KEYS = ("backend", "peer", "port", "vni", "timeout", "keep", "underlay_dev")
+ENV = {k: "SVCTUNNEL_" + k.upper() for k in KEYS}
+FLAG = {k: "--svctunnel-" + k.replace("_", "-") for k in KEYS}
+INI = {k: "svctunnel_" + k for k in KEYS}
+
+DEFAULTS: dict[str, Any] = {
+    "backend": "lab",
+    "peer": None,
+    "port": 5533,
+    "vni": 333,
+    "timeout": 60.0,
+    "keep": "never",
+    "underlay_dev": None,
+}
+
+# key -> ((cli raw, parsed), (env raw, parsed), (ini raw, parsed)); all three differ where the option allows it.
+LAYERS: dict[str, tuple[tuple[str, Any], tuple[str, Any], tuple[str, Any]]] = {
+    "backend": (("lab", "lab"), ("lab", "lab"), ("lab", "lab")),
+    "peer": (
+        ("192.0.2.1", ipaddress.IPv4Address("192.0.2.1")),
+        ("2001:db8::2", ipaddress.IPv6Address("2001:db8::2")),
+        ("198.51.100.3", ipaddress.IPv4Address("198.51.100.3")),
+    ),
+    "port": (("1001", 1001), ("2002", 2002), ("3003", 3003)),
+    "vni": (("11", 11), ("22", 22), ("16777215", 16777215)),
+    "timeout": (("1.5", 1.5), ("3600", 3600.0), ("0.01", 0.01)),
+    "keep": (("always", "always"), ("on-failure", "on-failure"), ("always", "always")),
+    "underlay_dev": (("eth1", "eth1"), ("ens2", "ens2"), ("bond3", "bond3")),
+}
+
+SCENARIOS = {
+    "cli-env-ini": (("cli", "env", "ini"), "cli"),
+    "cli-only": (("cli",), "cli"),
+    "cli-ini": (("cli", "ini"), "cli"),
+    "env-ini": (("env", "ini"), "env"),
+    "env-only": (("env",), "env"),
+    "ini-only": (("ini",), "ini"),
+    "nothing": ((), "default"),
+}
+
+
+def layers_for(
+    key: str, present: tuple[str, ...]
+) -> tuple[dict[str, str | None], dict[str, str], dict[str, str | None]]:
+    cli_v, env_v, ini_v = LAYERS[key]
+    cli: dict[str, str | None] = {k: None for k in KEYS}
+    env: dict[str, str] = {"PATH": "/usr/bin", "HOME": "/root"}
+    ini: dict[str, str | None] = {k: None for k in KEYS}
+    if "cli" in present:
+        cli[key] = cli_v[0]
+    if "env" in present:
+        env[ENV[key]] = env_v[0]
+    if "ini" in present:
+        ini[key] = ini_v[0]
+    return cli, env, ini
+
+
+@pytest.mark.parametrize("key", KEYS)
+@pytest.mark.parametrize(("present", "winner"), SCENARIOS.values(), ids=SCENARIOS.keys())
+def test_precedence(key: str, present: tuple[str, ...], winner: str) -> None:
+    config = resolve(*layers_for(key, present))
+    cli_v, env_v, ini_v = LAYERS[key]
+    expected = {"cli": cli_v[1], "env": env_v[1], "ini": ini_v[1], "default": DEFAULTS[key]}[winner]
+    assert getattr(config, key) == expected
+    assert type(getattr(config, key)) is type(expected)
+    assert config.sources[key] == winner
+    for other in KEYS:
+        if other != key:
+            assert config.sources[other] == "default"
+            assert getattr(config, other) == DEFAULTS[other]
+
+
+@pytest.mark.parametrize("key", [k for k in KEYS if k != "underlay_dev"])
+@pytest.mark.parametrize("winner_layer", ["cli", "env"])
+def test_lower_layers_are_not_even_parsed(key: str, winner_layer: str) -> None:
+    """An invalid value below the winning layer is ignored, not reported."""
+    cli, env, ini = layers_for(key, (winner_layer,))
+    garbage = "kubernetes" if key == "backend" else "not valid at all"
+    env.setdefault(ENV[key], garbage)
+    ini[key] = garbage
+    config = resolve(cli, env, ini)
+    assert config.sources[key] == winner_layer
+
+
+def test_all_defaults() -> None:
+    config = resolve({}, {}, {})
+    assert config == TunnelConfig(sources={k: "default" for k in KEYS}, **DEFAULTS)
+
+
+def test_empty_env_and_ini_fall_through_but_empty_cli_does_not() -> None:
+    config = resolve({}, {ENV["port"]: ""}, {"port": ""})
+    assert (config.port, config.sources["port"]) == (5533, "default")
+    config = resolve({}, {ENV["port"]: ""}, {"port": "7000"})
+    assert (config.port, config.sources["port"]) == (7000, "ini")
+    with pytest.raises(ConfigError, match="--svctunnel-port=''"):
+        resolve({"port": ""}, {}, {})
+
+
+def test_values_are_stripped() -> None:
+    config = resolve({"port": " 6000 "}, {ENV["keep"]: "always\n"}, {"peer": "\t10.0.0.1 "})
+    assert (config.port, config.keep, config.peer) == (6000, "always", ipaddress.IPv4Address("10.0.0.1"))
+
+
+def test_env_is_read_by_its_own_name_only() -> None:
+    config = resolve({}, {"PORT": "1", "svctunnel_port": "2", "SVCTUNNEL_VNI": "44"}, {"SVCTUNNEL_PORT": "3"})
+    assert (config.port, config.sources["port"]) == (5533, "default")
+    assert (config.vni, config.sources["vni"]) == (44, "env")
+
+
+def test_describe() -> None:
+    config = resolve({"port": "6000"}, {ENV["peer"]: "192.0.2.7"}, {"keep": "on-failure"})
+    lines = config.describe()
+    assert lines == [
+        "backend=lab (default)",
+        "peer=192.0.2.7 (env)",
+        "port=6000 (cli)",
+        "vni=333 (default)",
+        "timeout=60.0 (default)",
+        "keep=on-failure (ini)",
+        "underlay_dev=None (default)",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("key", "flag", "env", "ini"),
+    [(k, FLAG[k], ENV[k], INI[k]) for k in KEYS],
+    ids=KEYS,
+)
+def test_option_names(key: str, flag: str, env: str, ini: str) -> None:
+    option = OPTION_BY_KEY[key]
+    assert (option.flag, option.env, option.ini) == (flag, env, ini)
+
+
+def test_option_table_order() -> None:
+    assert tuple(o.key for o in OPTIONS) == KEYS
+
+
+INVALID: dict[str, tuple[str, str, str]] = {
+    "port-0": ("port", "0", "outside 1..65535"),
+    "port-70000": ("port", "70000", "outside 1..65535"),
+    "port-word": ("port", "http", "is not a whole number"),
+    "port-float": ("port", "53.5", "is not a whole number"),
+    "vni-0": ("vni", "0", "outside 1..16777215"),
+    "vni-2**24": ("vni", "16777216", "outside 1..16777215"),
+    "timeout-minus-1": ("timeout", "-1", "outside (0, 3600]"),
+    "timeout-0": ("timeout", "0", "outside (0, 3600]"),
+    "timeout-3601": ("timeout", "3601", "outside (0, 3600]"),
+    "timeout-nan": ("timeout", "nan", "outside (0, 3600]"),
+    "timeout-word": ("timeout", "soon", "is not a number"),
+    "keep-sometimes": ("keep", "sometimes", "choose one of never, on-failure, always"),
+    "backend-docker": ("backend", "docker", "choose one of lab, kubernetes"),
+    "backend-upper-case": ("backend", "LAB", "choose one of lab, kubernetes"),
+    "peer-not-an-ip": ("peer", "not-an-ip", "does not appear to be an IPv4 or IPv6 address"),
+    "peer-cidr": ("peer", "10.0.0.0/8", "does not appear to be"),
+}
+
+
+@pytest.mark.parametrize("layer", ["cli", "env", "ini"])
+@pytest.mark.parametrize(("key", "raw", "why"), INVALID.values(), ids=INVALID.keys())
+def test_invalid_values_name_what_to_fix(key: str, raw: str, why: str, layer: str) -> None:
+    cli: dict[str, str | None] = {}
+    env: dict[str, str] = {}
+    ini: dict[str, str | None] = {}
+    if layer == "cli":
+        cli[key] = raw
+    elif layer == "env":
+        env[ENV[key]] = raw
+    else:
+        ini[key] = raw
+    with pytest.raises(ConfigError) as info:
+        resolve(cli, env, ini)
+    text = str(info.value)
+    name = {"cli": FLAG[key], "env": ENV[key], "ini": INI[key]}[layer]
+    assert f"fix {'ini ' if layer == 'ini' else ''}{name}" in text
+    assert repr(raw) in text
+    assert why in text
+    others = {FLAG[key], ENV[key], INI[key]} - {name}
+    assert not any(other in text for other in others), text
+
+
+def test_empty_underlay_dev_on_the_command_line() -> None:
+    with pytest.raises(ConfigError, match=r"--svctunnel-underlay-dev='' is invalid \(empty\)"):
+        resolve({"underlay_dev": ""}, {}, {})
+
+
+@pytest.mark.parametrize("layer", ["cli", "env", "ini"])
+def test_kubernetes_backend_points_to_the_lab(layer: str) -> None:
+    cli: dict[str, str | None] = {"backend": "kubernetes"} if layer == "cli" else {}
+    env = {ENV["backend"]: "kubernetes"} if layer == "env" else {}
+    ini: dict[str, str | None] = {"backend": "kubernetes"} if layer == "ini" else {}
+    with pytest.raises(ConfigError) as info:
+        resolve(cli, env, ini)
+    text = str(info.value)
+    assert "kubernetes" in text
+    assert "not available" in text
+    assert "--svctunnel-backend lab" in text
+
+
+def test_kubernetes_below_a_lab_setting_is_fine() -> None:
+    config = resolve({"backend": "lab"}, {ENV["backend"]: "kubernetes"}, {"backend": "kubernetes"})
+    assert (config.backend, config.sources["backend"]) == ("lab", "cli")
+
+
+@given(st.integers(-(10**6), 10**6))
+def test_property_port_range(port: int) -> None:
+    if 1 <= port <= 65535:
+        assert resolve({"port": str(port)}, {}, {}).port == port
+    else:
+        with pytest.raises(ConfigError, match="--svctunnel-port"):
+            resolve({"port": str(port)}, {}, {})
+
+
+@given(st.integers(-(2**25), 2**25))
+def test_property_vni_range(vni: int) -> None:
+    if 1 <= vni <= 0xFFFFFF:
+        assert resolve({}, {ENV["vni"]: str(vni)}, {}).vni == vni
+    else:
+        with pytest.raises(ConfigError, match="SVCTUNNEL_VNI"):
+            resolve({}, {ENV["vni"]: str(vni)}, {})
+
+
+@given(st.fixed_dictionaries({k: st.sets(st.sampled_from(["cli", "env", "ini"])) for k in KEYS}))
+def test_property_first_present_layer_wins(present: dict[str, set[str]]) -> None:
+    cli: dict[str, str | None] = {}
+    env: dict[str, str] = {}
+    ini: dict[str, str | None] = {}
+    for key, layers in present.items():
+        cli_v, env_v, ini_v = LAYERS[key]
+        if "cli" in layers:
+            cli[key] = cli_v[0]
+        if "env" in layers:
+            env[ENV[key]] = env_v[0]
+        if "ini" in layers:
+            ini[key] = ini_v[0]
+    config = resolve(cli, env, ini)
+    for key, layers in present.items():
+        winner = next((layer for layer in ("cli", "env", "ini") if layer in layers), "default")
+        assert config.sources[key] == winner
+        cli_v, env_v, ini_v = LAYERS[key]
+        expected = {"cli": cli_v[1], "env": env_v[1], "ini": ini_v[1], "default": DEFAULTS[key]}[winner]
+        assert getattr(config, key) == expected
+        assert f"{key}={expected} ({winner})" in config.describe()

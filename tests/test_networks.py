@@ -1,0 +1,490 @@
+"""The network plan: defaults, deterministic extra networks, explicit settings, and conflicts named clearly."""
+
+from __future__ import annotations
+
+import ipaddress
+import itertools
+import re
+from ipaddress import IPv4Interface, IPv4Network, IPv6Interface, IPv6Network
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from pytest_svctunnel.errors import ConfigError
+from pytest_svctunnel.networks import (
+    DEFAULT_VNI,
+    MAX_VNI,
+    Network,
+    NetworkRequest,
+    device_names,
+    parse_request,
+    plan_networks,
+    single_network,
+)
+from pytest_svctunnel.protocol import Hello, Message, PodNetwork, decode, encode
+
+DEVS = device_names("svt-t-")
+WHERE = "tests/test_x.py::test_marked"
+
+
+def req(name: str, ipv4: Any = None, ipv6: Any = None, vni: Any = None, where: str = WHERE) -> NetworkRequest:
+    return parse_request(name, ipv4, ipv6, vni, where)
+
+
+def by_name(nets: tuple[Network, ...]) -> dict[str, Network]:
+    return {n.name: n for n in nets}
+
+
+# -- the default network ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("vni", [DEFAULT_VNI, 1, MAX_VNI, 4242], ids=["333", "1", "max", "4242"])
+def test_default_network_only(vni: int) -> None:
+    nets = plan_networks(vni, [], DEVS)
+    assert nets == (
+        Network(
+            name="default",
+            vni=vni,
+            dev=DEVS[0],
+            local_ipv4=IPv4Interface("10.30.30.2/30"),
+            remote_ipv4=IPv4Interface("10.30.30.1/30"),
+            local_ipv6=IPv6Interface("fd00:3030::2/126"),
+            remote_ipv6=IPv6Interface("fd00:3030::1/126"),
+            mtu=0,
+        ),
+    )
+    assert nets[0].pod_network() == PodNetwork(
+        vni, DEVS[0], IPv4Interface("10.30.30.1/30"), IPv6Interface("fd00:3030::1/126")
+    )
+
+
+def test_with_mtu_changes_only_the_mtu() -> None:
+    net = plan_networks(DEFAULT_VNI, [], DEVS)[0]
+    built = net.with_mtu(1450)
+    assert built.mtu == 1450 and net.mtu == 0
+    assert built == Network(**{**net.__dict__, "mtu": 1450})
+
+
+# -- extra networks with defaults ------------------------------------------------------------------------------
+
+
+def test_extra_networks_get_deterministic_blocks_and_vnis_ordered_by_name() -> None:
+    nets = plan_networks(DEFAULT_VNI, [req("beta"), req("alpha"), req("gamma")], DEVS)
+    assert [n.name for n in nets] == ["default", "alpha", "beta", "gamma"]
+    assert [n.dev for n in nets] == DEVS[:4]
+    assert [n.vni for n in nets] == [333, 334, 335, 336]
+    alpha, beta, gamma = nets[1:]
+    assert (alpha.local_ipv4, alpha.remote_ipv4) == (IPv4Interface("10.30.30.6/30"), IPv4Interface("10.30.30.5/30"))
+    assert (beta.local_ipv4, beta.remote_ipv4) == (IPv4Interface("10.30.30.10/30"), IPv4Interface("10.30.30.9/30"))
+    assert (gamma.local_ipv4, gamma.remote_ipv4) == (IPv4Interface("10.30.30.14/30"), IPv4Interface("10.30.30.13/30"))
+    assert (alpha.local_ipv6, alpha.remote_ipv6) == (
+        IPv6Interface("fd00:3030::6/126"),
+        IPv6Interface("fd00:3030::5/126"),
+    )
+    assert (beta.local_ipv6, beta.remote_ipv6) == (
+        IPv6Interface("fd00:3030::a/126"),
+        IPv6Interface("fd00:3030::9/126"),
+    )
+    assert gamma.local_ipv6 == IPv6Interface("fd00:3030::e/126")
+
+
+def test_plan_does_not_depend_on_request_order() -> None:
+    requests = [req("c"), req("a", vni=900), req("b", ipv4="10.30.30.4/30"), req("d", ipv6=False)]
+    plans = {plan_networks(DEFAULT_VNI, list(order), DEVS) for order in itertools.permutations(requests)}
+    assert len(plans) == 1
+
+
+def test_same_request_on_several_tests_is_one_network() -> None:
+    nets = plan_networks(DEFAULT_VNI, [req("a", where="t1"), req("a", where="t2"), req("a", where="t3")], DEVS)
+    assert [n.name for n in nets] == ["default", "a"]
+
+
+def test_allocation_skips_explicit_vnis_and_blocks() -> None:
+    nets = by_name(
+        plan_networks(DEFAULT_VNI, [req("a"), req("b", ipv4="10.30.30.4/31", ipv6="fd00:3030::4/127", vni=334)], DEVS)
+    )
+    assert nets["b"].vni == 334
+    assert nets["a"].vni == 335
+    assert nets["a"].local_ipv4 == IPv4Interface("10.30.30.10/30")
+    assert nets["a"].local_ipv6 == IPv6Interface("fd00:3030::a/126")
+    assert (nets["b"].local_ipv4, nets["b"].remote_ipv4) == (
+        IPv4Interface("10.30.30.5/31"),
+        IPv4Interface("10.30.30.4/31"),
+    )
+
+
+def test_allocated_vni_skips_a_later_explicit_one() -> None:
+    nets = by_name(plan_networks(100, [req("a"), req("b"), req("c", vni=102)], DEVS))
+    assert (nets["a"].vni, nets["b"].vni, nets["c"].vni) == (101, 103, 102)
+
+
+def test_allocated_vni_stays_in_range_at_the_top() -> None:
+    """default_vni + index must wrap inside 1..16777215 like the skipping does."""
+    nets = plan_networks(MAX_VNI, [req("a"), req("b")], DEVS)
+    vnis = [n.vni for n in nets]
+    assert all(1 <= v <= MAX_VNI for v in vnis), vnis
+    assert len(set(vnis)) == len(vnis)
+
+
+def test_explicit_settings_are_honored() -> None:
+    net = plan_networks(DEFAULT_VNI, [req("x", ipv4="10.40.0.0/30", ipv6="fd00:40::/126", vni=900)], DEVS)[1]
+    assert net == Network(
+        "x",
+        900,
+        DEVS[1],
+        IPv4Interface("10.40.0.2/30"),
+        IPv4Interface("10.40.0.1/30"),
+        IPv6Interface("fd00:40::2/126"),
+        IPv6Interface("fd00:40::1/126"),
+    )
+
+
+def test_explicit_larger_subnet_uses_its_first_two_hosts() -> None:
+    net = plan_networks(DEFAULT_VNI, [req("x", ipv4=IPv4Network("192.168.7.0/24"))], DEVS)[1]
+    assert (net.local_ipv4, net.remote_ipv4) == (IPv4Interface("192.168.7.2/24"), IPv4Interface("192.168.7.1/24"))
+    assert net.local_ipv6 == IPv6Interface("fd00:3030::6/126")  # IPv6 still defaulted
+
+
+@pytest.mark.parametrize(
+    ("ipv4", "ipv6", "has4", "has6"),
+    [(False, None, False, True), (None, False, True, False), (False, "fd00:40::/64", False, True)],
+    ids=["no-ipv4", "no-ipv6", "no-ipv4-explicit-ipv6"],
+)
+def test_a_family_can_be_left_out(ipv4: Any, ipv6: Any, has4: bool, has6: bool) -> None:
+    net = plan_networks(DEFAULT_VNI, [req("x", ipv4=ipv4, ipv6=ipv6)], DEVS)[1]
+    assert (net.local_ipv4 is not None, net.remote_ipv4 is not None) == (has4, has4)
+    assert (net.local_ipv6 is not None, net.remote_ipv6 is not None) == (has6, has6)
+    pod = net.pod_network()
+    assert (pod.ipv4 is not None, pod.ipv6 is not None) == (has4, has6)
+
+
+def test_leaving_ipv4_out_does_not_use_up_a_block() -> None:
+    nets = by_name(plan_networks(DEFAULT_VNI, [req("a", ipv4=False), req("b")], DEVS))
+    assert nets["b"].local_ipv4 == IPv4Interface("10.30.30.6/30")
+    assert nets["b"].local_ipv6 == IPv6Interface("fd00:3030::a/126")
+
+
+def test_fifteen_extra_networks_fit() -> None:
+    nets = plan_networks(DEFAULT_VNI, [req(f"n{i:02}") for i in range(15)], DEVS)
+    assert len(nets) == 16
+    assert [n.dev for n in nets] == DEVS
+
+
+def test_planned_networks_go_on_the_wire() -> None:
+    nets = plan_networks(DEFAULT_VNI, [req(f"n{i:02}") for i in range(15)], DEVS)
+    hello = Message(b"12345678", 1, 1, Hello(1450, tuple(n.pod_network() for n in nets)))
+    assert decode(encode(hello, b"k"), b"k") == hello
+
+
+# -- errors ----------------------------------------------------------------------------------------------------
+
+PLAN_ERRORS: dict[str, tuple[list[NetworkRequest], list[str]]] = {
+    "same-name-different-settings": (
+        [req("a", ipv4="10.40.0.0/30", where="test_one"), req("a", where="test_two")],
+        ["'a'", "test_one", "test_two", "different settings"],
+    ),
+    "same-name-vni-vs-none": (
+        [req("a", vni=500, where="test_one"), req("a", vni=None, where="test_two")],
+        ["'a'", "test_one", "test_two"],
+    ),
+    "same-name-disabled-vs-default": (
+        [req("a", ipv6=False, where="test_one"), req("a", where="test_two")],
+        ["'a'", "test_one", "test_two"],
+    ),
+    "overlapping-explicit-ipv4": (
+        [req("a", ipv4="10.40.0.0/29"), req("b", ipv4="10.40.0.4/30")],
+        ["'a'", "'b'", "10.40.0.0/29", "10.40.0.4/30", "overlap"],
+    ),
+    "overlapping-explicit-ipv6": (
+        [req("a", ipv6="fd00:40::/64"), req("b", ipv6="fd00:40::/126")],
+        ["'a'", "'b'", "overlap"],
+    ),
+    "overlapping-default-ipv4": (
+        [req("a", ipv4="10.30.30.0/30")],
+        ["'default'", "'a'", "10.30.30.0/30", "overlap"],
+    ),
+    "containing-default-ipv4": (
+        [req("a", ipv4="10.30.0.0/16")],
+        ["'default'", "'a'", "10.30.0.0/16", "overlap"],
+    ),
+    "overlapping-default-ipv6": (
+        [req("a", ipv6="fd00:3030::/64")],
+        ["'default'", "'a'", "fd00:3030::/64", "overlap"],
+    ),
+    "duplicate-explicit-vni": (
+        [req("a", vni=500), req("b", vni=500)],
+        ["'a'", "'b'", "500"],
+    ),
+    "vni-of-the-default": (
+        [req("a", vni=DEFAULT_VNI)],
+        ["'default'", "'a'", str(DEFAULT_VNI), "--svctunnel-vni"],
+    ),
+    "too-many-networks": (
+        [req(f"n{i:02}") for i in range(16)],
+        ["at most 15 extra networks"],
+    ),
+    "pool-exhausted": (
+        [
+            req("a", ipv4="10.30.30.4/30"),
+            req("b", ipv4="10.30.30.8/29"),
+            req("c", ipv4="10.30.30.16/28"),
+            req("d", ipv4="10.30.30.32/27"),
+            req("e", ipv4="10.30.30.64/26"),
+            req("f", ipv4="10.30.30.128/25"),
+            req("g"),
+        ],
+        ["no free 10.30.30.0/24 block", "ipv4="],
+    ),
+}
+
+
+@pytest.mark.parametrize(("requests", "expected"), PLAN_ERRORS.values(), ids=PLAN_ERRORS.keys())
+def test_plan_errors(requests: list[NetworkRequest], expected: list[str]) -> None:
+    with pytest.raises(ConfigError) as info:
+        plan_networks(DEFAULT_VNI, requests, DEVS)
+    for text in expected:
+        assert text in str(info.value)
+
+
+def test_too_many_networks_for_a_short_device_list() -> None:
+    with pytest.raises(ConfigError, match="at most 1 extra networks"):
+        plan_networks(DEFAULT_VNI, [req("a"), req("b")], DEVS[:2])
+    assert len(plan_networks(DEFAULT_VNI, [req("a")], DEVS[:2])) == 2
+
+
+def test_non_default_vni_conflict_names_the_default() -> None:
+    with pytest.raises(ConfigError, match=r"'default' and 'a' both use VNI 77"):
+        plan_networks(77, [req("a", vni=77)], DEVS)
+
+
+PARSE_ERRORS: dict[str, tuple[dict[str, Any], str]] = {
+    "name-default-reserved": ({"name": "default"}, "reserved"),
+    "name-empty": ({"name": ""}, "name ''"),
+    "name-space": ({"name": "a b"}, "name 'a b'"),
+    "name-slash": ({"name": "a/b"}, "name 'a/b'"),
+    "name-dot": ({"name": "a.b"}, "name 'a.b'"),
+    "name-only-dashes": ({"name": "--"}, "name '--'"),
+    "name-none": ({"name": None}, "name None"),
+    "name-int": ({"name": 5}, "name 5"),
+    "vni-0": ({"vni": 0}, "vni=0 is outside"),
+    "vni-too-big": ({"vni": MAX_VNI + 1}, "vni=16777216 is outside"),
+    "vni-negative": ({"vni": -1}, "vni=-1"),
+    "vni-bool": ({"vni": True}, "vni=True"),
+    "vni-string": ({"vni": "5"}, "vni='5'"),
+    "host-bits-set": ({"ipv4": "10.40.0.1/30"}, "ipv4='10.40.0.1/30' is not a network"),
+    "ipv6-host-bits-set": ({"ipv6": "fd00:40::1/126"}, "ipv6='fd00:40::1/126' is not a network"),
+    "not-an-address": ({"ipv4": "lan"}, "ipv4='lan' is not a network"),
+    "ipv6-given-for-ipv4": ({"ipv4": "fd00:40::/126"}, "ipv4='fd00:40::/126' is an IPv6 network"),
+    "ipv4-given-for-ipv6": ({"ipv6": "10.40.0.0/30"}, "ipv6='10.40.0.0/30' is an IPv4 network"),
+    "ipv4-slash-32": ({"ipv4": "10.40.0.1/32"}, "fewer than two addresses"),
+    "ipv4-no-prefix": ({"ipv4": "10.40.0.1"}, "fewer than two addresses"),
+    "ipv6-slash-128": ({"ipv6": "fd00:40::1/128"}, "fewer than two addresses"),
+    "ipv4-true": ({"ipv4": True}, "ipv4=True is not a network"),
+    "both-families-disabled": ({"ipv4": False, "ipv6": False}, "do not disable both"),
+}
+
+
+@pytest.mark.parametrize(("kwargs", "expected"), PARSE_ERRORS.values(), ids=PARSE_ERRORS.keys())
+def test_parse_request_errors(kwargs: dict[str, Any], expected: str) -> None:
+    args: dict[str, Any] = {"name": "net", "ipv4": None, "ipv6": None, "vni": None, **kwargs}
+    where = "tests/test_web.py::test_login[chrome]"
+    with pytest.raises(ConfigError) as info:
+        parse_request(args["name"], args["ipv4"], args["ipv6"], args["vni"], where)
+    text = str(info.value)
+    assert text.startswith(f"svctunnel_network mark on {where}: ")
+    assert expected in text
+
+
+PARSE_OK: dict[str, tuple[dict[str, Any], NetworkRequest]] = {
+    "all-defaults": ({}, NetworkRequest("net")),
+    "strings": (
+        {"ipv4": "10.40.0.0/30", "ipv6": "fd00:40::/126", "vni": 7},
+        NetworkRequest("net", IPv4Network("10.40.0.0/30"), IPv6Network("fd00:40::/126"), 7),
+    ),
+    "network-objects": (
+        {"ipv4": IPv4Network("10.40.0.0/24"), "ipv6": IPv6Network("fd00:40::/64")},
+        NetworkRequest("net", IPv4Network("10.40.0.0/24"), IPv6Network("fd00:40::/64")),
+    ),
+    "slash-31": ({"ipv4": "10.40.0.0/31"}, NetworkRequest("net", IPv4Network("10.40.0.0/31"))),
+    "slash-127": ({"ipv6": "fd00::/127"}, NetworkRequest("net", None, IPv6Network("fd00::/127"))),
+    "ipv4-disabled": ({"ipv4": False}, NetworkRequest("net", False)),
+    "ipv6-disabled": ({"ipv6": False}, NetworkRequest("net", None, False)),
+    "vni-bounds": ({"vni": MAX_VNI}, NetworkRequest("net", vni=MAX_VNI)),
+    "dashes-underscores": ({"name": "a-b_c1"}, NetworkRequest("a-b_c1")),
+}
+
+
+@pytest.mark.parametrize(("kwargs", "expected"), PARSE_OK.values(), ids=PARSE_OK.keys())
+def test_parse_request_accepts(kwargs: dict[str, Any], expected: NetworkRequest) -> None:
+    args: dict[str, Any] = {"name": "net", "ipv4": None, "ipv6": None, "vni": None, **kwargs}
+    got = parse_request(args["name"], args["ipv4"], args["ipv6"], args["vni"], "here")
+    assert got == expected
+    assert got.where == "here"
+
+
+# -- single_network (svctunnel connect) ------------------------------------------------------------------------
+
+I4 = IPv4Interface
+I6 = IPv6Interface
+DEF_L4, DEF_R4 = I4("10.30.30.2/30"), I4("10.30.30.1/30")
+DEF_L6, DEF_R6 = I6("fd00:3030::2/126"), I6("fd00:3030::1/126")
+
+SINGLE: dict[str, tuple[tuple[Any, Any, Any, Any], tuple[Any, Any, Any, Any]]] = {
+    "cli-defaults": ((None, None, None, None), (DEF_L4, DEF_R4, DEF_L6, DEF_R6)),
+    "ipv4-only-derives-remote": (
+        (I4("10.40.0.2/24"), None, None, None),
+        (I4("10.40.0.2/24"), I4("10.40.0.1/24"), DEF_L6, DEF_R6),
+    ),
+    "ipv4-first-host-derives-second": (
+        (I4("10.40.0.1/30"), None, None, None),
+        (I4("10.40.0.1/30"), I4("10.40.0.2/30"), DEF_L6, DEF_R6),
+    ),
+    "ipv6-only-derives-remote": (
+        (None, I6("fd00:40::1/64"), None, None),
+        (DEF_L4, DEF_R4, I6("fd00:40::1/64"), I6("fd00:40::2/64")),
+    ),
+    "both-pairs-given": (
+        (I4("10.1.0.5/24"), I6("fd00:1::5/64"), I4("10.1.0.9/24"), I6("fd00:1::9/64")),
+        (I4("10.1.0.5/24"), I4("10.1.0.9/24"), I6("fd00:1::5/64"), I6("fd00:1::9/64")),
+    ),
+    "ipv4-pair-given": (
+        (I4("10.1.0.5/24"), None, I4("10.1.0.9/24"), None),
+        (I4("10.1.0.5/24"), I4("10.1.0.9/24"), DEF_L6, DEF_R6),
+    ),
+    "slash-31": (
+        (I4("10.9.0.0/31"), None, None, None),
+        (I4("10.9.0.0/31"), I4("10.9.0.1/31"), DEF_L6, DEF_R6),
+    ),
+}
+
+
+@pytest.mark.parametrize(("args", "expected"), SINGLE.values(), ids=SINGLE.keys())
+def test_single_network(args: tuple[Any, Any, Any, Any], expected: tuple[Any, Any, Any, Any]) -> None:
+    ipv4, ipv6, remote4, remote6 = args
+    net = single_network("svt-c0", 4242, ipv4, ipv6, remote4, remote6)
+    assert (net.name, net.dev, net.vni, net.mtu) == ("default", "svt-c0", 4242, 0)
+    assert (net.local_ipv4, net.remote_ipv4, net.local_ipv6, net.remote_ipv6) == expected
+
+
+SINGLE_ERRORS: dict[str, tuple[tuple[Any, Any, Any, Any], str]] = {
+    "remote-ipv4-without-ipv4": ((None, None, I4("10.40.0.1/30"), None), "--ipv4 and --remote-ipv4"),
+    "remote-ipv6-without-ipv6": ((None, None, None, I6("fd00:40::1/64")), "--ipv6 and --remote-ipv6"),
+    "both-remotes-without-locals": ((None, None, I4("10.40.0.1/30"), I6("fd00:40::1/64")), "give both"),
+    "ipv4-slash-32": ((I4("10.40.0.1/32"), None, None, None), "10.40.0.1/32 leaves no address"),
+    "ipv6-slash-128": ((None, I6("fd00:40::1/128"), None, None), "fd00:40::1/128 leaves no address"),
+}
+
+
+@pytest.mark.parametrize(("args", "expected"), SINGLE_ERRORS.values(), ids=SINGLE_ERRORS.keys())
+def test_single_network_errors(args: tuple[Any, Any, Any, Any], expected: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        single_network("svt-c0", 4242, *args)
+    assert expected in str(info.value)
+
+
+# -- device_names ----------------------------------------------------------------------------------------------
+
+
+def test_device_names() -> None:
+    assert device_names("svt-") == [f"svt-{i}" for i in range(16)]
+    assert device_names("x", 3) == ["x0", "x1", "x2"]
+    assert device_names("a" * 13) == [f"{'a' * 13}{i}" for i in range(16)]  # "aaaaaaaaaaaaa15" is 15 characters
+
+
+@pytest.mark.parametrize(
+    ("prefix", "count", "bad"),
+    [("a" * 14, 16, "a" * 14 + "10"), ("a" * 15, 1, "a" * 15 + "0"), ("svt/", 2, "svt/0"), ("svt ", 2, "svt 0")],
+    ids=["16-chars-at-10", "16-chars-at-0", "slash", "space"],
+)
+def test_device_names_rejects_invalid(prefix: str, count: int, bad: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        device_names(prefix, count)
+    assert repr(bad) in str(info.value)
+    assert "at most 15 characters" in str(info.value)
+
+
+def test_device_names_14_char_prefix_fits_when_few() -> None:
+    assert device_names("a" * 14, 10)[-1] == "a" * 14 + "9"
+
+
+# -- properties ------------------------------------------------------------------------------------------------
+
+names = st.from_regex(re.compile(r"[a-z][a-z0-9_-]{0,11}", re.ASCII), fullmatch=True).filter(lambda n: n != "default")
+explicit_v4 = st.sampled_from([None, None, None, False, "10.40.0.0/30", "10.50.0.0/24", "10.30.30.4/30"])
+explicit_v6 = st.sampled_from([None, None, None, False, "fd00:40::/126", "fd00:3030::8/126"])
+
+
+@st.composite
+def request_lists(draw: st.DrawFn) -> list[NetworkRequest]:
+    chosen = draw(st.lists(names, min_size=0, max_size=15, unique=True))
+    used_v4: set[str] = set()
+    used_v6: set[str] = set()
+    used_vni: set[int] = set()
+    out = []
+    for name in chosen:
+        v4 = draw(explicit_v4)
+        v6 = draw(explicit_v6)
+        if v4 in used_v4:
+            v4 = None
+        if v6 in used_v6:
+            v6 = None
+        if v4 is False and v6 is False:
+            v6 = None
+        vni = draw(st.none() | st.integers(1, MAX_VNI))
+        if vni in used_vni:
+            vni = None
+        if isinstance(v4, str):
+            used_v4.add(v4)
+        if isinstance(v6, str):
+            used_v6.add(v6)
+        if vni is not None:
+            used_vni.add(vni)
+        out.append(req(name, v4, v6, vni))
+    return out
+
+
+@given(st.integers(1, MAX_VNI), request_lists())
+def test_property_plans_never_collide(default_vni: int, requests: list[NetworkRequest]) -> None:
+    try:
+        nets = plan_networks(default_vni, requests, DEVS)
+    except ConfigError as exc:
+        # The only conflict the generator allows is an explicit VNI equal to the default.
+        assert any(r.vni == default_vni for r in requests), exc
+        return
+    assert [n.name for n in nets] == ["default", *sorted(r.name for r in requests)]
+    assert len({n.dev for n in nets}) == len(nets)
+    vnis = [n.vni for n in nets]
+    assert len(set(vnis)) == len(vnis)
+    assert all(1 <= v <= MAX_VNI for v in vnis), vnis
+    blocks4 = [n.local_ipv4.network for n in nets if n.local_ipv4]
+    blocks6 = [n.local_ipv6.network for n in nets if n.local_ipv6]
+    for a4, b4 in itertools.combinations(blocks4, 2):
+        assert not a4.overlaps(b4), (a4, b4)
+    for a6, b6 in itertools.combinations(blocks6, 2):
+        assert not a6.overlaps(b6), (a6, b6)
+    for n in nets:
+        for local, remote in ((n.local_ipv4, n.remote_ipv4), (n.local_ipv6, n.remote_ipv6)):
+            assert (local is None) == (remote is None)
+            if local is not None and remote is not None:
+                assert local.network == remote.network and local.ip != remote.ip
+    for r, n in zip(sorted(requests, key=lambda r: r.name), nets[1:], strict=True):
+        assert n.vni == r.vni or r.vni is None
+        assert (n.local_ipv4 is None) == (r.ipv4 is False)
+        assert (n.local_ipv6 is None) == (r.ipv6 is False)
+        if r.ipv4:
+            assert n.local_ipv4 is not None and n.local_ipv4.network == r.ipv4
+        if r.ipv6:
+            assert n.local_ipv6 is not None and n.local_ipv6.network == r.ipv6
+
+
+@given(st.integers(0, 2**32 - 1), st.integers(0, 30))
+def test_property_single_network_ipv4_derives_a_different_host(address: int, prefix: int) -> None:
+    local = ipaddress.IPv4Interface((address, prefix))
+    net = single_network("svt-c0", 1, local, None, None, None)
+    assert net.local_ipv4 == local
+    assert net.remote_ipv4 is not None
+    assert net.remote_ipv4.network == local.network
+    assert net.remote_ipv4.ip != local.ip
+    assert net.remote_ipv4.ip in {local.network[1], local.network[2]}
