@@ -181,9 +181,11 @@ class Agent:
         if nonce == self._committed_nonce and datagram.source == self.status.peer:
             self._send(message, self._ack(datagram.source), datagram)  # our ACK was lost
             return
-        pending = self._pending.pop(nonce, None)
+        pending = self._pending.get(nonce)
         if pending is None or pending.source != datagram.source:
+            # leave the challenge in place: a copy answered from elsewhere must not cancel it
             raise ProtocolError(Reject.UNSOLICITED, "confirm for no challenge sent to this address")
+        del self._pending[nonce]
         self._build(pending)
         self._committed_nonce = nonce
         self.status.counters["handshakes"] += 1

@@ -1,0 +1,135 @@
+"""The agent's handshake rules, spoken by hand to a real agent through the lab's NAT and Service."""
+
+from __future__ import annotations
+
+import ipaddress
+import secrets
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pytest_svctunnel import keys
+from pytest_svctunnel.lab import Lab
+from pytest_svctunnel.protocol import (
+    Ack,
+    Challenge,
+    Confirm,
+    Hello,
+    Message,
+    PodNetwork,
+    ProtocolError,
+    decode,
+    encode,
+)
+
+pytestmark = pytest.mark.root
+
+HELLO = Hello(1450, (PodNetwork(333, "vxlan0", ipaddress.IPv4Interface("10.30.30.1/30"), None),))
+
+
+class Speaker:
+    """One UDP socket on this host, talking to the Service with a given key."""
+
+    def __init__(self, lab: Lab, key: bytes) -> None:
+        self.key = key
+        self.session = secrets.token_bytes(8)
+        self.counter = 0
+        self.service = lab.plan.service(4)
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("0.0.0.0", 0))
+
+    def datagram(self, body: Hello | Confirm, stamp_ms: int | None = None) -> bytes:
+        self.counter += 1
+        stamp = int(time.time() * 1000) if stamp_ms is None else stamp_ms
+        return encode(Message(self.session, self.counter, stamp, body), self.key)
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendto(data, (str(self.service.address), self.service.port))
+
+    def answer(self, timeout: float = 1.5) -> Message | None:
+        self.sock.settimeout(timeout)
+        try:
+            data = self.sock.recv(4096)
+        except TimeoutError:
+            return None
+        try:
+            return decode(data, self.key)
+        except ProtocolError as exc:
+            raise AssertionError(f"the agent sent an invalid answer: {exc}") from None
+
+
+@pytest.fixture
+def agent(lab: Lab, key_file: Path) -> Lab:
+    lab.start_agent(key_file)
+    return lab
+
+
+@pytest.fixture
+def speaker(agent: Lab, key_file: Path) -> Iterator[Speaker]:
+    s = Speaker(agent, keys.read_key_file(key_file))
+    yield s
+    s.sock.close()
+
+
+def _challenge(speaker: Speaker) -> Challenge:
+    speaker.send(speaker.datagram(HELLO))
+    answer = speaker.answer()
+    assert answer is not None and isinstance(answer.body, Challenge)
+    return answer.body
+
+
+def test_challenge_reports_the_address_after_nat(speaker: Speaker, agent: Lab) -> None:
+    challenge = _challenge(speaker)
+    assert challenge.observed.address == agent.plan.public_address(4)
+    assert challenge.observed.port != speaker.sock.getsockname()[1]
+
+
+def test_replayed_hello_is_not_answered(speaker: Speaker, agent: Lab) -> None:
+    hello = speaker.datagram(HELLO)
+    speaker.send(hello)
+    assert speaker.answer() is not None
+    speaker.send(hello)
+    assert speaker.answer() is None
+    assert "replayed" in agent.log_text()
+
+
+def test_stale_hello_is_not_answered(speaker: Speaker, agent: Lab) -> None:
+    ten_minutes_ago = int((time.time() - 600) * 1000)
+    speaker.send(speaker.datagram(HELLO, stamp_ms=ten_minutes_ago))
+    assert speaker.answer() is None
+    assert "stale" in agent.log_text()
+
+
+def test_confirm_without_a_challenge_is_not_answered(speaker: Speaker, agent: Lab) -> None:
+    speaker.send(speaker.datagram(Confirm(secrets.token_bytes(16))))
+    assert speaker.answer() is None
+    assert "unsolicited" in agent.log_text()
+
+
+def test_confirm_from_another_sender_does_not_commit(speaker: Speaker, agent: Lab, key_file: Path) -> None:
+    """Someone who saw the challenge cannot answer it from elsewhere and take the tunnel."""
+    challenge = _challenge(speaker)
+    thief = Speaker(agent, speaker.key)
+    thief.session, thief.counter = speaker.session, speaker.counter
+    try:
+        thief.send(thief.datagram(Confirm(challenge.nonce)))
+        assert thief.answer() is None
+        assert speaker.answer(0.3) is None
+        assert "state=up" not in agent.log_text() and "up: tunnel up" not in agent.log_text()
+    finally:
+        thief.sock.close()
+    # the rightful sender still can
+    speaker.send(speaker.datagram(Confirm(challenge.nonce)))
+    answer = speaker.answer()
+    assert answer is not None and isinstance(answer.body, Ack)
+    assert answer.body.built == 1 and answer.body.mtu == 1450
+
+
+def test_garbage_on_the_port_is_not_answered(speaker: Speaker, agent: Lab) -> None:
+    for data in (b"SVTN", b"SVTN" + bytes(100), secrets.token_bytes(80), b"\x08" + bytes(15)):
+        speaker.send(data)
+    assert speaker.answer() is None
+    assert agent.agent is not None and agent.agent.poll() is None
