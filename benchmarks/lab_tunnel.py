@@ -20,23 +20,33 @@ import time
 from pytest_svctunnel import nft
 from pytest_svctunnel.config import resolve
 from pytest_svctunnel.networks import device_names, plan_networks
+from pytest_svctunnel.runs import new_run_id
 from pytest_svctunnel.session import LabBackend, TunnelSession
 
 IPERF_PORT = 5201
 
 
 def cpu_seconds(pid: int) -> float:
-    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def iperf(ns: str, bind: str, target: str, seconds: int) -> float:
-    server = subprocess.Popen(["ip", "netns", "exec", ns, "iperf3", "-s", "-1", "-B", bind, "-p", str(IPERF_PORT)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        ["ip", "netns", "exec", ns, "iperf3", "-s", "-1", "-B", bind, "-p", str(IPERF_PORT)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         time.sleep(0.5)
-        out = subprocess.run(["iperf3", "-c", target, "-p", str(IPERF_PORT), "-t", str(seconds), "-J"],
-                             capture_output=True, text=True, check=True, timeout=seconds + 30).stdout
+        out = subprocess.run(
+            ["iperf3", "-c", target, "-p", str(IPERF_PORT), "-t", str(seconds), "-J"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=seconds + 30,
+        ).stdout
     finally:
         server.wait(10)
     return float(json.loads(out)["end"]["sum_received"]["bits_per_second"]) / 1e9
@@ -45,12 +55,13 @@ def iperf(ns: str, bind: str, target: str, seconds: int) -> float:
 def main() -> None:
     seconds = int(sys.argv[1]) if len(sys.argv) > 1 else 5
     config = resolve({"backend": "lab"}, {}, {})
-    session = TunnelSession(config, plan_networks(config.vni, [], device_names("svtbench-")), run_id=os.urandom(3).hex())
+    run_id = new_run_id()
+    session = TunnelSession(config, plan_networks(config.vni, [], device_names(f"svt{run_id}-")), run_id)
     tunnel = session.start()
     try:
         print(f"session start to first ping: {session.stopwatch.render()}")
-        assert isinstance(session._backend, LabBackend)
-        lab = session._backend.lab
+        assert isinstance(session.backend, LabBackend)
+        lab = session.backend.lab
         plan = lab.plan
         pod_ns = plan.ns("pod")
         assert lab.agent is not None
@@ -59,11 +70,16 @@ def main() -> None:
         over = iperf(pod_ns, str(tunnel.default.remote_ipv4.ip), str(tunnel.default.remote_ipv4.ip), seconds)
         agent_cpu = cpu_seconds(agent_pid) - cpu_before
         service = plan.service(4).address
-        nft.apply(f"add rule inet svtlab prerouting ip daddr {service} tcp dport {IPERF_PORT}"
-                  f" dnat ip to {plan.pod_address(4)}:{IPERF_PORT}\n", plan.ns("node"))
+        nft.apply(
+            f"add rule inet svtlab prerouting ip daddr {service} tcp dport {IPERF_PORT}"
+            f" dnat ip to {plan.pod_address(4)}:{IPERF_PORT}\n",
+            plan.ns("node"),
+        )
         direct = iperf(pod_ns, str(plan.pod_address(4)), str(service), seconds)
-        print(f"iperf3 TCP, {seconds} s each: over the tunnel {over:.2f} Gbit/s, "
-              f"same path without the tunnel {direct:.2f} Gbit/s ({over / direct:.0%})")
+        print(
+            f"iperf3 TCP, {seconds} s each: over the tunnel {over:.2f} Gbit/s, "
+            f"same path without the tunnel {direct:.2f} Gbit/s ({over / direct:.0%})"
+        )
         print(f"agent CPU time during the tunnel run: {agent_cpu * 1000:.0f} ms over {seconds} s")
     finally:
         session.stop(failed=False)

@@ -34,11 +34,20 @@ def main() -> None:
         median_run(base, cwd, 2)  # warm the file cache
         without = median_run([*base, "-p", "no:svctunnel"], cwd, runs)
         with_plugin = median_run(base, cwd, runs)
-        done = subprocess.run([sys.executable, "-c", "import pytest_svctunnel.plugin, sys;"
-                               " print('kubernetes' in sys.modules, 'pyroute2' in sys.modules)"],
-                              capture_output=True, text=True, check=True)
-    print(f"pytest --collect-only, median of {runs}: without plugin {without * 1000:.0f} ms, "
-          f"with plugin {with_plugin * 1000:.0f} ms, plugin adds {(with_plugin - without) * 1000:.0f} ms")
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                "import pytest_svctunnel.plugin, sys; print('kubernetes' in sys.modules, 'pyroute2' in sys.modules)",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    print(
+        f"pytest --collect-only, median of {runs}: without plugin {without * 1000:.0f} ms, "
+        f"with plugin {with_plugin * 1000:.0f} ms, plugin adds {(with_plugin - without) * 1000:.0f} ms"
+    )
     print(f"modules loaded by the plugin alone: kubernetes, pyroute2 = {done.stdout.strip()}")
 
 

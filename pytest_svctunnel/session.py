@@ -139,6 +139,11 @@ class TunnelSession:
         self.stopwatch = Stopwatch()
         self.tunnel: Tunnel | None = None
 
+    @property
+    def backend(self) -> Backend | None:
+        """The backend once ``start`` has chosen it (for diagnostics and benchmarks)."""
+        return self._backend
+
     def start(self) -> Tunnel:
         require_net_admin("the svctunnel fixture")
         try:

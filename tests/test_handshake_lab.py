@@ -14,6 +14,7 @@ import pytest
 from pytest_svctunnel import keys
 from pytest_svctunnel.lab import Lab
 from pytest_svctunnel.protocol import (
+    MAGIC,
     Ack,
     Challenge,
     Confirm,
@@ -50,15 +51,21 @@ class Speaker:
         self.sock.sendto(data, (str(self.service.address), self.service.port))
 
     def answer(self, timeout: float = 1.5) -> Message | None:
-        self.sock.settimeout(timeout)
-        try:
-            data = self.sock.recv(4096)
-        except TimeoutError:
-            return None
-        try:
-            return decode(data, self.key)
-        except ProtocolError as exc:
-            raise AssertionError(f"the agent sent an invalid answer: {exc}") from None
+        """The next handshake message; tunnel frames (once the pod has committed) are skipped."""
+        end = time.monotonic() + timeout
+        while (left := end - time.monotonic()) > 0:
+            self.sock.settimeout(left)
+            try:
+                data = self.sock.recv(4096)
+            except TimeoutError:
+                return None
+            if data[:4] != MAGIC:
+                continue
+            try:
+                return decode(data, self.key)
+            except ProtocolError as exc:
+                raise AssertionError(f"the agent sent an invalid answer: {exc}") from None
+        return None
 
 
 @pytest.fixture
@@ -109,23 +116,28 @@ def test_confirm_without_a_challenge_is_not_answered(speaker: Speaker, agent: La
     assert "unsolicited" in agent.log_text()
 
 
-def test_confirm_from_another_sender_does_not_commit(speaker: Speaker, agent: Lab, key_file: Path) -> None:
-    """Someone who saw the challenge cannot answer it from elsewhere and take the tunnel."""
+def test_confirm_raced_from_another_sender_does_not_commit(speaker: Speaker, agent: Lab) -> None:
+    """An eavesdropper who copies the rightful CONFIRM and races it from elsewhere neither takes the
+    tunnel nor cancels the challenge: the rightful sender's next CONFIRM still commits."""
     challenge = _challenge(speaker)
-    thief = Speaker(agent, speaker.key)
-    thief.session, thief.counter = speaker.session, speaker.counter
+    confirm = speaker.datagram(Confirm(challenge.nonce))
+    thief = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
-        thief.send(thief.datagram(Confirm(challenge.nonce)))
-        assert thief.answer() is None
-        assert speaker.answer(0.3) is None
-        assert "state=up" not in agent.log_text() and "up: tunnel up" not in agent.log_text()
+        thief.bind(("0.0.0.0", 0))
+        thief.sendto(confirm, (str(speaker.service.address), speaker.service.port))
+        thief.settimeout(1.5)
+        with pytest.raises(TimeoutError):
+            thief.recv(4096)
     finally:
-        thief.sock.close()
-    # the rightful sender still can
-    speaker.send(speaker.datagram(Confirm(challenge.nonce)))
+        thief.close()
+    assert "up: tunnel up" not in agent.log_text()
+    speaker.send(confirm)  # the very same bytes, now from the right place: a replay by then
+    assert speaker.answer(0.5) is None
+    speaker.send(speaker.datagram(Confirm(challenge.nonce)))  # the retransmission, with a fresh counter
     answer = speaker.answer()
     assert answer is not None and isinstance(answer.body, Ack)
     assert answer.body.built == 1 and answer.body.mtu == 1450
+    assert answer.body.observed.address == agent.plan.public_address(4)
 
 
 def test_garbage_on_the_port_is_not_answered(speaker: Speaker, agent: Lab) -> None:

@@ -3,9 +3,9 @@
 Settings and the report header, usage errors, marker rules at collection, and real
 sessions on the built-in lab: networks from marks, report sections, --svctunnel-keep
 and a missing CAP_NET_ADMIN. Real sessions run as their own processes
-(``runpytest_subprocess``); other machines' or sessions' labs may exist side by side,
-so leak checks look at what carries the inner run's id (every namespace, link and
-state directory of a run is named with it).
+(``runpytest_subprocess``). Other sessions' labs may exist on this host at the same
+time, so leak checks look at what carries the inner run's id (the id from the report
+header names every namespace, link, state directory and agent key file of a run).
 """
 
 from __future__ import annotations
@@ -124,6 +124,14 @@ def block(lines: Sequence[str], title: str) -> list[str]:
     return list(lines[start[0] : end])
 
 
+def summary(result: pytest.RunResult, outcome: str, test: str) -> str:
+    """The message of one test in the short test summary (``-rA``; ``-vv`` keeps it whole)."""
+    pattern = re.compile(rf"{outcome} \S+::{re.escape(test)} - (?P<message>.*)")
+    found = [m["message"] for line in result.outlines if (m := pattern.fullmatch(line))]
+    assert len(found) == 1, f"expected one {outcome} summary line for {test}:\n" + "\n".join(result.outlines)
+    return found[0]
+
+
 def section_starts(lines: Sequence[str], title: str = "svctunnel diagnostics") -> list[int]:
     return [i for i, line in enumerate(lines) if re.fullmatch(rf"-+ {re.escape(title)} -+", line)]
 
@@ -161,6 +169,8 @@ class InnerRuns:
             "120",
             "--svctunnel-backend",
             "lab",
+            "-rA",
+            "-vv",
             *args,
             timeout=INNER_TIMEOUT_S,
         )
@@ -469,7 +479,8 @@ def test_marker_error_is_usage_error_before_anything_runs(pytester: pytest.Pytes
     source, args, fragments = MARKER_ERRORS[case]
     pytester.makepyfile(test_aaa_probe=PROBE, test_marks=source)
     before = netns_names()
-    result = inprocess(pytester, "--svctunnel-backend", "lab", *args)
+    # a short timeout bounds the run should a broken rule let the tests build a lab
+    result = inprocess(pytester, "--svctunnel-backend", "lab", "--svctunnel-timeout", "10", *args)
     run_id, _ = header(result)
     assert result.ret == USAGE_ERROR
     errors = [line for line in result.errlines if line.startswith("ERROR: svctunnel:")]
@@ -526,8 +537,7 @@ def test_network_fixture_without_mark_errors(inner: InnerRuns, pytester: pytest.
     )
     result, run_id = inner.run()
     result.assert_outcomes(passed=1, errors=1)
-    text = "\n".join(block(result.outlines, "ERROR at setup of test_unmarked"))
-    assert "@pytest.mark.svctunnel_network" in text
+    assert "@pytest.mark.svctunnel_network" in summary(result, "ERROR", "test_unmarked")
     assert_nothing_left(run_id)
 
 
@@ -567,9 +577,7 @@ def test_default_network(svctunnel):
     assert svctunnel.dev == default.dev and svctunnel.vni == default.vni == 333
     assert svctunnel.local_ipv4 == default.local_ipv4 and svctunnel.remote_ipv4 == default.remote_ipv4
     assert svctunnel.local_ipv6 == default.local_ipv6 and svctunnel.remote_ipv6 == default.remote_ipv6
-    check_network(default, svctunnel.run_id)
-    ping(svctunnel.remote_ipv4.ip, svctunnel.dev)
-    ping(svctunnel.remote_ipv6.ip, svctunnel.dev)
+    check_network(default, svctunnel.run_id)  # pings over IPv4 and IPv6
 
 
 def test_peer_and_service(svctunnel):
@@ -610,8 +618,10 @@ def test_networks_are_separate(svctunnel, svctunnel_networks):
         for b in nets[i + 1:]:
             assert not a.local_ipv4.network.overlaps(b.local_ipv4.network), (a, b)
             assert not a.local_ipv6.network.overlaps(b.local_ipv6.network), (a, b)
-    for net in nets:
-        assert subprocess.run(["ip", "link", "show", "dev", net.dev], capture_output=True).returncode == 0
+    # this host has exactly one VXLAN device of this run per network
+    out = subprocess.run(["ip", "-o", "link", "show", "type", "vxlan"], capture_output=True, text=True).stdout
+    devices = [line.split(": ")[1].split("@")[0] for line in out.splitlines()]
+    assert sorted(d for d in devices if d.startswith(f"svt{svctunnel.run_id}-")) == sorted(n.dev for n in nets)
 """
 
 
@@ -621,7 +631,7 @@ def test_multi_network_session_end_to_end(
 ) -> None:
     pytester.makepyfile(E2E_SUITE)
     monkeypatch.setenv("SVCTUNNEL_PORT", "6100")
-    result, run_id = inner.run("-rA")
+    result, run_id = inner.run()
     assert result.ret == pytest.ExitCode.OK, "\n".join(result.outlines)
     result.assert_outcomes(passed=6)
     _, items = header(result)
@@ -650,7 +660,7 @@ def test_failing_test_gets_diagnostics_section(inner: InnerRuns, pytester: pytes
             assert False
         """
     )
-    result, run_id = inner.run("-rA")
+    result, run_id = inner.run()
     result.assert_outcomes(passed=1, failed=2)
     failure = block(result.outlines, "test_fails")
     body = section(failure)
@@ -675,10 +685,8 @@ def test_setup_failure_gets_diagnostics_section_and_cleans_up(inner: InnerRuns, 
     )
     result, run_id = inner.run("--svctunnel-peer", "192.0.2.77", "--svctunnel-timeout", "5")
     result.assert_outcomes(errors=1)
-    error = block(result.outlines, "ERROR at setup of test_needs_tunnel")
-    text = "\n".join(error)
-    assert re.search(r"svctunnel: handshake\b", text), text
-    body = section(error)
+    assert re.search(r"svctunnel: handshake\b", summary(result, "ERROR", "test_needs_tunnel"))
+    body = section(block(result.outlines, "ERROR at setup of test_needs_tunnel"))
     assert "listening on UDP port" in body
     assert "192.0.2.77" in body
     assert re.search(link_line(run_id, "lan"), body), body
@@ -758,12 +766,14 @@ def test_missing_net_admin_fails_fixture_with_remedy(pytester: pytest.Pytester) 
         """
     )
     pytest_without_net_admin = (*NO_NET_ADMIN, sys.executable, "-m", "pytest", *NO_HYPOTHESIS, "-p", "no:cacheprovider")
-    result = pytester.run(*pytest_without_net_admin, "--svctunnel-backend", "lab", timeout=INNER_TIMEOUT_S)
+    result = pytester.run(
+        *pytest_without_net_admin, "--svctunnel-backend", "lab", "-rA", "-vv", timeout=INNER_TIMEOUT_S
+    )
     run_id, _ = header(result)
     result.assert_outcomes(passed=1, errors=1)
-    text = "\n".join(block(result.outlines, "ERROR at setup of test_needs_tunnel"))
-    assert "CAP_NET_ADMIN" in text
-    assert "as root" in text or "setcap" in text, text
+    message = summary(result, "ERROR", "test_needs_tunnel")
+    assert "CAP_NET_ADMIN" in message
+    assert "as root" in message or "setcap" in message, message
     assert_nothing_left(run_id)
 
     helped = pytester.run(*pytest_without_net_admin, "--help", timeout=INNER_TIMEOUT_S)
