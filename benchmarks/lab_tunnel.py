@@ -64,8 +64,8 @@ def main() -> None:
         lab = session.backend.lab
         plan = lab.plan
         pod_ns = plan.ns("pod")
-        assert lab.agent is not None
         agent_pid = lab.agent.pid
+        assert agent_pid is not None
         cpu_before = cpu_seconds(agent_pid)
         over = iperf(pod_ns, str(tunnel.default.remote_ipv4.ip), str(tunnel.default.remote_ipv4.ip), seconds)
         agent_cpu = cpu_seconds(agent_pid) - cpu_before

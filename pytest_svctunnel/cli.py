@@ -231,7 +231,7 @@ def _lab(args: argparse.Namespace) -> int:
             lab.down()
             run.remove()
             raise
-        lab.agent = None  # the agent outlives this command; 'lab down' stops it by pid
+        lab.agent.detach()  # the agent outlives this command; 'lab down' stops it by its pid
         print(lab.status())
         print(f"connect: svctunnel connect --service {lab.plan.service(4)} --key-file {key_file}")
         print(f"remove:  svctunnel lab down --run {run.id}")

@@ -19,11 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
-import os
-import signal
-import subprocess
-import sys
-import time
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -32,12 +27,12 @@ from typing import Any
 
 from . import device, netns, nft
 from .errors import LabError, SvcTunnelError
+from .process import AgentProcess
 from .protocol import Endpoint, IPAddress
 from .runs import Run, all_runs
 from .waiting import Deadline, wait_for
 
 ROLES = ("home", "wan", "node", "pod")
-_AGENT_LOG = "agent.log"
 _LAB_FILE = "lab.json"
 NAT_PORTS = (20000, 29999)
 _FORWARDING = {"net.ipv4.ip_forward": "1", "net.ipv6.conf.all.forwarding": "1"}
@@ -178,11 +173,7 @@ class Lab:
             self.plan = LabPlan(run.id, int(saved["block"]), int(saved["port"]), bool(saved["rewrite_ports"]))
         else:
             self.plan = LabPlan(run.id, _pick_block(run.id), port, rewrite_ports)
-        self.agent: subprocess.Popen[bytes] | None = None
-
-    @property
-    def agent_log(self) -> Path:
-        return self.run.dir / _AGENT_LOG
+        self.agent = AgentProcess(run, self.plan.ns("pod"))
 
     # -- building --------------------------------------------------------------
 
@@ -244,76 +235,19 @@ class Lab:
 
     def start_agent(
         self, key_file: Path, peer: IPAddress | None = None, timeout: float = 30.0, extra: Sequence[str] = ()
-    ) -> subprocess.Popen[bytes]:
+    ) -> AgentProcess:
         """Start ``svctunnel agent`` in the pod namespace; returns once it listens."""
-        argv = [
-            "ip",
-            "netns",
-            "exec",
-            self.plan.ns("pod"),
-            sys.executable,
-            "-m",
-            "pytest_svctunnel",
-            "agent",
-            "--key-file",
-            str(key_file),
-            "--port",
-            str(self.plan.port),
-            *extra,
-        ]
-        if peer is not None:
-            argv += ["--peer", str(peer)]
-        with self.agent_log.open("ab") as log:
-            self.agent = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
-            )
-        self.run.write("agent.json", {"pid": self.agent.pid})
-        wait_for(
-            self._agent_listening,
-            phase="agent start",
-            deadline=Deadline.after(timeout),
-            describe=lambda: self.log_tail(5) or "no output",
-            hint="see the agent log in the diagnostics",
-        )
+        self.agent.start(key_file, self.plan.port, peer, timeout, extra)
         return self.agent
 
-    def _agent_listening(self) -> bool | None:
-        if self.agent is not None and self.agent.poll() is not None:
-            raise LabError(f"the agent exited with {self.agent.returncode}:\n{self.log_tail(20)}")
-        return True if "listening on UDP port" in self.log_text() else None
-
     def stop_agent(self, timeout: float = 10.0) -> None:
-        """SIGTERM the agent and wait; SIGKILL if it does not stop in time."""
-        pid = self._agent_pid()
-        if pid is None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
-        if self.agent is not None:
-            try:
-                self.agent.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.agent.kill()
-                self.agent.wait(timeout)
-        else:
-            _wait_gone(pid, timeout)
-        self.agent = None
-        (self.run.dir / "agent.json").unlink(missing_ok=True)
-
-    def _agent_pid(self) -> int | None:
-        if self.agent is not None:
-            return self.agent.pid
-        data = self.run.read("agent.json")
-        return int(data["pid"]) if data else None
+        self.agent.stop(timeout)
 
     def log_text(self) -> str:
-        try:
-            return self.agent_log.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
+        return self.agent.log_text()
 
     def log_tail(self, lines: int = 40) -> str:
-        return "\n".join(self.log_text().splitlines()[-lines:])
+        return self.agent.log_tail(lines)
 
     # -- removal and inspection ---------------------------------------------------
 
@@ -354,13 +288,13 @@ class Lab:
 
     def status(self) -> str:
         p = self.plan
-        alive = self._agent_pid()
+        pid = self.agent.pid
         lines = [
             f"run {p.run_id}: block {p.block}, namespaces "
             + ", ".join(f"{p.ns(r)}{'' if netns.exists(p.ns(r)) else ' (missing)'}" for r in ROLES),
             f"service {p.service(4)} and {p.service(6)}; pod {p.pod_address(4)}; "
             f"home router WAN {p.public_address(4)} ({'rewrites ports' if p.rewrite_ports else 'keeps ports'})",
-            f"agent pid {alive if alive and _alive(alive) else '-'}; log {self.agent_log}",
+            f"agent pid {pid if self.agent.alive() else '-'}; log {self.agent.log_path}",
         ]
         return "\n".join(lines)
 
@@ -368,25 +302,6 @@ class Lab:
 def _kind(link: Any) -> str | None:
     info = link.get_attr("IFLA_LINKINFO")
     return info.get_attr("IFLA_INFO_KIND") if info is not None else None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _wait_gone(pid: int, timeout: float) -> None:
-    end = time.monotonic() + timeout
-    while _alive(pid) and time.monotonic() < end:
-        time.sleep(0.05)
-    if _alive(pid):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
 
 
 def lab_runs() -> Iterator[Run]:
