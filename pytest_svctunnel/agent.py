@@ -111,9 +111,7 @@ class Agent:
         return f"hellos only from {self.settings.peer}" if self.settings.peer else "hellos from any address"
 
     def teardown(self) -> None:
-        for net in list(self.status.networks.values()):
-            device.delete_link(None, net.dev)
-        self.status.networks.clear()
+        self._remove_networks()
         nft.delete_table("inet", nft.filter_table(self.settings.port))
         self._set_state("stopped", "removed all networks and the port filter")
 
@@ -186,10 +184,28 @@ class Agent:
             # leave the challenge in place: a copy answered from elsewhere must not cancel it
             raise ProtocolError(Reject.UNSOLICITED, "confirm for no challenge sent to this address")
         del self._pending[nonce]
-        self._build(pending)
+        try:
+            self._build(pending)
+        except SvcTunnelError as exc:
+            self._failed_build(exc)
+            return
         self._committed_nonce = nonce
         self.status.counters["handshakes"] += 1
         self._send(message, self._ack(datagram.source), datagram)
+
+    def _failed_build(self, exc: SvcTunnelError) -> None:
+        """An authenticated hello that cannot be built: undo it all, stay up, answer nothing."""
+        self.status.counters["build-failed"] += 1
+        log.error("could not build the requested networks: %s", exc)
+        self._remove_networks()
+        self.status.peer, self.status.mtu, self._committed_nonce = None, 0, None
+        nft.apply(nft.pod_filter(self.settings.port, None))
+        self._set_state("waiting", "removed what was built; waiting for a new hello")
+
+    def _remove_networks(self) -> None:
+        for net in list(self.status.networks.values()):
+            device.delete_vxlan(None, net.dev)
+        self.status.networks.clear()
 
     def _ack(self, peer: Endpoint) -> Ack:
         return Ack(peer, self.status.mtu, len(self.status.networks))
@@ -200,14 +216,16 @@ class Agent:
         underlay = self.settings.underlay_dev or route.dev
         mtu = min(pending.hello.mtu, device.tunnel_mtu(route.mtu, peer.address.version))
         wanted = {n.dev: n for n in pending.hello.networks}
+        for net in wanted.values():
+            device.check_name_free(None, net.dev)
         for gone in set(self.status.networks) - set(wanted):
-            device.delete_link(None, gone)
+            device.delete_vxlan(None, gone)
             del self.status.networks[gone]
         for net in wanted.values():
+            self.status.networks[net.dev] = net  # recorded first, so a half-built device is removed too
             addresses = tuple(a for a in (net.ipv4, net.ipv6) if a is not None)
             spec = device.VxlanSpec(net.dev, net.vni, self.settings.port, local.address, underlay, mtu, addresses)
             device.ensure_vxlan(None, spec)
-            self.status.networks[net.dev] = net
             device.set_peer(None, net.dev, peer)
         nft.apply(nft.pod_filter(self.settings.port, peer))
         moved = self.status.peer is not None and self.status.peer != peer

@@ -145,6 +145,8 @@ class ExternalEnd:
         route = device.route_to(None, s.service.address)
         underlay_mtu = device.link_mtu(None, s.underlay_dev) if s.underlay_dev else route.mtu
         mtu = device.tunnel_mtu(underlay_mtu, s.service.address.version)
+        for net in s.networks:
+            device.check_name_free(None, net.dev)
         hello = Hello(mtu, tuple(n.pod_network() for n in s.networks))
         deadline = Deadline.after(s.timeout)
         ack, local = _handshake(s, route, hello)
@@ -152,7 +154,7 @@ class ExternalEnd:
         mtu = min(mtu, ack.mtu)
         nets = tuple(n.with_mtu(mtu) for n in s.networks)
         for net in nets:
-            self._stack.callback(device.delete_link, None, net.dev)
+            self._stack.callback(device.delete_vxlan, None, net.dev)
             addresses = tuple(a for a in (net.local_ipv4, net.local_ipv6) if a is not None)
             spec = device.VxlanSpec(
                 net.dev, net.vni, local.port, route.source, s.underlay_dev or route.dev, mtu, addresses
@@ -176,7 +178,7 @@ def wait_carries_traffic(nets: Sequence[Network], deadline: Deadline) -> None:
     waiting = list(targets)
     while waiting:
         dev, address = waiting[0]
-        if ping_once(dev, address, timeout=min(0.5, max(deadline.remaining(), 0.01))):
+        if ping_once(dev, address, timeout=min(0.2, max(deadline.remaining(), 0.01))):
             waiting.pop(0)
         elif deadline.expired():
             raise WaitTimeout(

@@ -86,6 +86,30 @@ def _index(ipr: Any, name: str) -> int | None:
     return int(found[0]) if found else None
 
 
+def link_kind(link: Any) -> str | None:
+    info = link.get_attr("IFLA_LINKINFO")
+    return info.get_attr("IFLA_INFO_KIND") if info is not None else None
+
+
+def _refuse_foreign(ipr: Any, name: str, netns: str | None) -> int | None:
+    """The index of an existing VXLAN device ``name``; raises if the name is another kind of link."""
+    index = _index(ipr, name)
+    if index is not None:
+        kind = link_kind(ipr.link("get", index=index)[0])
+        if kind != "vxlan":
+            raise KernelError(
+                f"{name} already exists in {netns or 'this namespace'} and is not a VXLAN device"
+                f" ({kind or 'plain'} link); it is left alone: choose another device name (--dev)"
+            )
+    return index
+
+
+def check_name_free(netns: str | None, name: str) -> None:
+    """Raise before any side effect if ``name`` belongs to a link that is not a VXLAN device."""
+    with netlink(netns) as ipr:
+        _refuse_foreign(ipr, name, netns)
+
+
 def _vxlan_matches(link: Any, spec: VxlanSpec, underlay_index: int | None) -> bool:
     info = link.get_attr("IFLA_LINKINFO")
     if info is None or info.get_attr("IFLA_INFO_KIND") != "vxlan":
@@ -113,7 +137,7 @@ def ensure_vxlan(netns: str | None, spec: VxlanSpec) -> None:
         underlay_index = _index(ipr, spec.underlay) if spec.underlay else None
         if spec.underlay and underlay_index is None:
             raise KernelError(f"underlay device {spec.underlay!r} does not exist in {netns or 'this namespace'}")
-        index = _index(ipr, spec.name)
+        index = _refuse_foreign(ipr, spec.name, netns)
         if index is not None and not _vxlan_matches(ipr.link("get", index=index)[0], spec, underlay_index):
             _delete(ipr, spec.name)
             index = None
@@ -191,6 +215,17 @@ def _fdb_delete(ipr: Any, index: int, dst: str) -> None:
     except NetlinkError as exc:
         if exc.code != errno.ENOENT:
             raise KernelError(f"removing forwarding entry to {dst}: {exc}") from None
+
+
+def delete_vxlan(netns: str | None, name: str) -> None:
+    """Remove a VXLAN device; other kinds of link of that name, or none, are left alone."""
+    try:
+        with netlink(netns) as ipr:
+            index = _index(ipr, name)
+            if index is not None and link_kind(ipr.link("get", index=index)[0]) == "vxlan":
+                _delete(ipr, name)
+    except KernelError:
+        return
 
 
 def delete_link(netns: str | None, name: str) -> None:

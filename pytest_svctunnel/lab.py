@@ -23,7 +23,6 @@ from collections.abc import Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from . import device, netns, nft
 from .errors import LabError, SvcTunnelError
@@ -282,7 +281,7 @@ class Lab:
     def link_report(self, role: str) -> str:
         """Link state and counters of the VXLAN devices in one lab namespace."""
         with device.netlink(self.plan.ns(role)) as ipr:
-            names = [str(link.get_attr("IFLA_IFNAME")) for link in ipr.get_links() if _kind(link) == "vxlan"]
+            names = [str(link.get_attr("IFLA_IFNAME")) for link in ipr.get_links() if device.link_kind(link) == "vxlan"]
         states = [device.link_state(self.plan.ns(role), name) for name in names]
         return "\n".join(s.render() for s in states if s) or "(no tunnel devices)"
 
@@ -297,11 +296,6 @@ class Lab:
             f"agent pid {pid if self.agent.alive() else '-'}; log {self.agent.log_path}",
         ]
         return "\n".join(lines)
-
-
-def _kind(link: Any) -> str | None:
-    info = link.get_attr("IFLA_LINKINFO")
-    return info.get_attr("IFLA_INFO_KIND") if info is not None else None
 
 
 def lab_runs() -> Iterator[Run]:

@@ -26,6 +26,8 @@ from pytest_svctunnel.protocol import (
     encode,
 )
 
+from .helpers import ping
+
 pytestmark = pytest.mark.root
 
 HELLO = Hello(1450, (PodNetwork(333, "vxlan0", ipaddress.IPv4Interface("10.30.30.1/30"), None),))
@@ -145,3 +147,21 @@ def test_garbage_on_the_port_is_not_answered(speaker: Speaker, agent: Lab) -> No
         speaker.send(data)
     assert speaker.answer() is None
     assert agent.agent.alive()
+
+
+def test_hello_naming_the_pods_own_interface_is_refused(speaker: Speaker, agent: Lab) -> None:
+    """An authenticated hello asking for "eth0" must not take the pod off its network, nor stop the agent."""
+    hostile = Hello(1450, (PodNetwork(333, "eth0", ipaddress.IPv4Interface("10.30.30.1/30"), None),))
+    speaker.send(speaker.datagram(hostile))
+    answer = speaker.answer()
+    assert answer is not None and isinstance(answer.body, Challenge)
+    speaker.send(speaker.datagram(Confirm(answer.body.nonce)))
+    assert speaker.answer() is None, "nothing was built, so nothing is acknowledged"
+    assert "not a VXLAN device" in agent.log_text()
+    assert agent.agent.alive()
+    assert ping(agent.plan.address(4, 4, 1), ns=agent.plan.ns("pod")).returncode == 0, "pod eth0 still works"
+    # and a proper hello still works afterwards
+    challenge = _challenge(speaker)
+    speaker.send(speaker.datagram(Confirm(challenge.nonce)))
+    done = speaker.answer()
+    assert done is not None and isinstance(done.body, Ack) and done.body.built == 1

@@ -327,3 +327,15 @@ def test_original_style_fails_when_the_pod_sends_first_but_ours_works(
     finally:
         lab.down()
         run.remove()
+
+
+# -- never touch a link the tunnel did not make ----------------------------------------------
+
+
+def test_connect_refuses_a_device_name_that_is_not_a_vxlan(agent: Lab, key_file: Path, connect: type[Connect]) -> None:
+    lan = agent.plan.lan_link  # a veth of the lab in this namespace
+    c = connect(["--service", str(agent.plan.service(4)), "--key-file", str(key_file), "--dev", lan])
+    assert c.proc.wait(30) == 1
+    assert "not a VXLAN device" in c.stderr()
+    assert lan in netns.run(None, ["ip", "-o", "link", "show", lan])
+    assert "challenged" not in agent.log_text(), "refused before sending anything"
