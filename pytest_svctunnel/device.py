@@ -20,6 +20,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from .errors import KernelError
 from .protocol import Endpoint, IPAddress
+from .waiting import Deadline, wait_for
 
 IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
 ZERO_MAC = "00:00:00:00:00:00"
@@ -150,6 +151,37 @@ def ensure_vxlan(netns: str | None, spec: VxlanSpec) -> None:
         for address in spec.addresses:
             _ensure_address(ipr, index, address)
         _kernel(lambda: ipr.link("set", index=index, state="up"), f"bringing {spec.name} up")
+        _wait_local(ipr, spec)
+
+
+RTN_LOCAL = 2
+_ADDRESS_READY_S = 5.0
+
+
+def _wait_local(ipr: Any, spec: VxlanSpec) -> None:
+    """Wait until each address of the device routes as local.
+
+    The kernel installs the local route of an address from a work queue once the link is
+    up; until then, answers to our own first packets (an IPv6 neighbour advertisement, say)
+    are taken for traffic to forward and dropped, which costs a second-long retransmit.
+    """
+
+    def pending() -> list[str]:
+        late = []
+        for address in spec.addresses:
+            family = socket.AF_INET if address.version == 4 else socket.AF_INET6
+            routes = ipr.route("get", dst=str(address.ip), family=family)
+            if not routes or routes[0]["type"] != RTN_LOCAL:
+                late.append(str(address.ip))
+        return late
+
+    wait_for(
+        lambda: True if not pending() else None,
+        phase=f"addresses of {spec.name}",
+        deadline=Deadline.after(_ADDRESS_READY_S),
+        describe=lambda: f"not yet local: {', '.join(pending())}",
+        interval=0.002,
+    )
 
 
 def _create(ipr: Any, spec: VxlanSpec, underlay_index: int | None) -> None:
@@ -201,7 +233,7 @@ def set_peer(netns: str | None, name: str, peer: Endpoint | None) -> None:
             raise KernelError(f"device {name} vanished from {netns or 'this namespace'}")
         for entry in ipr.fdb("dump", ifindex=index):
             if entry.get_attr("NDA_LLADDR") == ZERO_MAC:
-                _fdb_delete(ipr, index, entry.get_attr("NDA_DST"))
+                _fdb_delete(ipr, index, entry.get_attr("NDA_DST"), entry.get_attr("NDA_PORT"))
         if peer is not None:
             _kernel(
                 lambda: ipr.fdb("append", ifindex=index, lladdr=ZERO_MAC, dst=str(peer.address), port=peer.port),
@@ -209,9 +241,12 @@ def set_peer(netns: str | None, name: str, peer: Endpoint | None) -> None:
             )
 
 
-def _fdb_delete(ipr: Any, index: int, dst: str) -> None:
+def _fdb_delete(ipr: Any, index: int, dst: str, port: int | None) -> None:
+    # Without its port the kernel looks for an entry on the device's own port, finds none
+    # and answers ENOENT: the entry would stay, and the pod would go on sending to it.
+    extra = {"port": port} if port else {}
     try:
-        ipr.fdb("del", ifindex=index, lladdr=ZERO_MAC, dst=dst)
+        ipr.fdb("del", ifindex=index, lladdr=ZERO_MAC, dst=dst, **extra)
     except NetlinkError as exc:
         if exc.code != errno.ENOENT:
             raise KernelError(f"removing forwarding entry to {dst}: {exc}") from None
