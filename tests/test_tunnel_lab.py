@@ -363,3 +363,6 @@ def test_first_answers_are_never_taken_for_forwarding(agent: Lab, key_file: Path
             end.close()
         assert counters["Ip6InAddrErrors"] == 0, counters
         assert counters["Icmp6InNeighborAdvertisements"] >= 1
+    # each session came from a fresh port: the pod points at the latest one only
+    fdb = netns.run(agent.plan.ns("pod"), ["bridge", "fdb", "show", "dev", dev])
+    assert len([line for line in fdb.splitlines() if line.startswith("00:00:00:00:00:00")]) == 1, fdb
