@@ -46,6 +46,20 @@ def parse_seconds(text: str) -> float:
     return _number(text, float, "seconds", 0, 3600, True)
 
 
+def _misses(text: str) -> int:
+    """How many keepalives in a row may go unanswered, 1..100."""
+    return int(_number(text, int, "misses", 1, 100, False))
+
+
+def _boolean(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{text!r} is not true or false")
+
+
 def _choice(choices: tuple[str, ...]) -> Callable[[str], str]:
     def parse(text: str) -> str:
         if text not in choices:
@@ -100,6 +114,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("timeout", parse_seconds, "60", "deadline in seconds for each setup and teardown phase"),
     Option("keep", _choice(KEEP), "never", "keep what the session built: never, on-failure or always"),
     Option("underlay_dev", _text, None, "this host's device towards the Service (default: from the route)"),
+    Option("keepalive", parse_seconds, "5", "seconds between keepalives through the tunnel"),
+    Option("misses", _misses, "3", "keepalives missed in a row before the path counts as dead"),
+    Option("reap", _boolean, "false", "at session start, remove what runs that are gone left behind"),
 )
 OPTION_BY_KEY = {o.key: o for o in OPTIONS}
 
@@ -115,6 +132,9 @@ class TunnelConfig:
     timeout: float
     keep: str
     underlay_dev: str | None
+    keepalive: float
+    misses: int
+    reap: bool
     sources: Mapping[str, str]
 
     def describe(self) -> list[str]:

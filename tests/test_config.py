@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from pytest_svctunnel.config import OPTION_BY_KEY, OPTIONS, TunnelConfig, resolve
 from pytest_svctunnel.errors import ConfigError
 
-KEYS = ("backend", "peer", "port", "vni", "timeout", "keep", "underlay_dev")
+KEYS = ("backend", "peer", "port", "vni", "timeout", "keep", "underlay_dev", "keepalive", "misses", "reap")
 ENV = {k: "SVCTUNNEL_" + k.upper() for k in KEYS}
 FLAG = {k: "--svctunnel-" + k.replace("_", "-") for k in KEYS}
 INI = {k: "svctunnel_" + k for k in KEYS}
@@ -25,6 +25,9 @@ DEFAULTS: dict[str, Any] = {
     "timeout": 60.0,
     "keep": "never",
     "underlay_dev": None,
+    "keepalive": 5.0,
+    "misses": 3,
+    "reap": False,
 }
 
 # key -> ((cli raw, parsed), (env raw, parsed), (ini raw, parsed)); all three differ where the option allows it.
@@ -40,6 +43,9 @@ LAYERS: dict[str, tuple[tuple[str, Any], tuple[str, Any], tuple[str, Any]]] = {
     "timeout": (("1.5", 1.5), ("3600", 3600.0), ("0.01", 0.01)),
     "keep": (("always", "always"), ("on-failure", "on-failure"), ("always", "always")),
     "underlay_dev": (("eth1", "eth1"), ("ens2", "ens2"), ("bond3", "bond3")),
+    "keepalive": (("0.5", 0.5), ("2", 2.0), ("30", 30.0)),
+    "misses": (("1", 1), ("5", 5), ("100", 100)),
+    "reap": (("true", True), ("0", False), ("yes", True)),
 }
 
 SCENARIOS = {
@@ -132,6 +138,9 @@ def test_describe() -> None:
         "timeout=60.0 (default)",
         "keep=on-failure (ini)",
         "underlay_dev=None (default)",
+        "keepalive=5.0 (default)",
+        "misses=3 (default)",
+        "reap=False (default)",
     ]
 
 
@@ -166,6 +175,12 @@ INVALID: dict[str, tuple[str, str, str]] = {
     "backend-upper-case": ("backend", "LAB", "choose one of lab, kubernetes"),
     "peer-not-an-ip": ("peer", "not-an-ip", "does not appear to be an IPv4 or IPv6 address"),
     "peer-cidr": ("peer", "10.0.0.0/8", "does not appear to be"),
+    "keepalive-0": ("keepalive", "0", "outside (0, 3600]"),
+    "keepalive-word": ("keepalive", "often", "is not a number"),
+    "misses-0": ("misses", "0", "outside 1..100"),
+    "misses-101": ("misses", "101", "outside 1..100"),
+    "misses-float": ("misses", "2.5", "is not a whole number"),
+    "reap-maybe": ("reap", "maybe", "is not true or false"),
 }
 
 
