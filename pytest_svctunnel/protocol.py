@@ -35,10 +35,11 @@ SESSION_LEN = 8
 _HEADER = struct.Struct("!4sBBH8sQQ")  # magic, version, type, body length, session, counter, ms
 _NETWORK = struct.Struct("!IB4sB16s16s")  # vni, v4 plen, v4, v6 plen, v6, device name
 _ENDPOINT = struct.Struct("!B16sH")  # family (4/6), address (padded), port
+_LIVENESS = struct.Struct("!IB")  # keepalive interval in ms, misses before dead
 _ABSENT = 0xFF
 
 HEADER_LEN = _HEADER.size
-MAX_DATAGRAM = HEADER_LEN + 3 + MAX_NETWORKS * _NETWORK.size + MAC_LEN
+MAX_DATAGRAM = HEADER_LEN + 3 + MAX_NETWORKS * _NETWORK.size + _LIVENESS.size + MAC_LEN
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -100,8 +101,12 @@ class PodNetwork:
 
 @dataclass(frozen=True)
 class Hello:
+    """``keepalive_ms`` and ``misses`` tell the pod end when to count the path as dead."""
+
     mtu: int
     networks: tuple[PodNetwork, ...]
+    keepalive_ms: int = 5000
+    misses: int = 3
 
 
 @dataclass(frozen=True)
@@ -170,7 +175,8 @@ def _encode_network(net: PodNetwork) -> bytes:
 def _encode_body(body: Body) -> bytes:
     if isinstance(body, Hello):
         nets = b"".join(_encode_network(n) for n in body.networks)
-        return struct.pack("!HB", body.mtu, len(body.networks)) + nets
+        head = struct.pack("!HB", body.mtu, len(body.networks))
+        return head + nets + _LIVENESS.pack(body.keepalive_ms, body.misses)
     if isinstance(body, Challenge):
         return body.nonce + _encode_endpoint(body.observed)
     if isinstance(body, Confirm):
@@ -215,6 +221,7 @@ def validate(message: Message) -> None:
             raise ValueError("two networks of one hello share a VNI")
         if len({n.dev for n in body.networks}) != len(body.networks):
             raise ValueError("two networks of one hello share a device name")
+        _validate_liveness(body.keepalive_ms, body.misses)
     if isinstance(body, (Challenge, Ack)) and not 0 <= body.observed.port <= 65535:
         raise ValueError(f"port {body.observed.port} is outside 0..65535")
     if isinstance(body, Ack) and not 0 <= body.built <= MAX_NETWORKS:
@@ -223,6 +230,13 @@ def validate(message: Message) -> None:
         raise ValueError("nonce must be 16 bytes")
     if isinstance(body, (Hello, Ack)) and not 68 <= body.mtu <= 65535:
         raise ValueError("mtu must be 68..65535")
+
+
+def _validate_liveness(keepalive_ms: int, misses: int) -> None:
+    if not 10 <= keepalive_ms <= 3_600_000:
+        raise ValueError(f"keepalive interval {keepalive_ms} ms is outside 10..3600000")
+    if not 1 <= misses <= 100:
+        raise ValueError(f"misses {misses} is outside 1..100")
 
 
 def _validate_network(net: PodNetwork) -> None:
@@ -307,11 +321,14 @@ def _decode_hello(raw: bytes) -> Hello:
     _check_mtu(mtu)
     if not 1 <= count <= MAX_NETWORKS:
         raise ProtocolError(Reject.BODY, f"{count} networks")
-    _expect_len(raw, 3 + count * _NETWORK.size)
+    end = 3 + count * _NETWORK.size
+    _expect_len(raw, end + _LIVENESS.size)
     nets = tuple(_decode_network(raw[3 + i * _NETWORK.size : 3 + (i + 1) * _NETWORK.size]) for i in range(count))
+    keepalive_ms, misses = _LIVENESS.unpack_from(raw, end)
+    _validate_liveness(keepalive_ms, misses)  # a ValueError here becomes Reject.BODY
     if len({n.vni for n in nets}) != count or len({n.dev for n in nets}) != count:
         raise ProtocolError(Reject.BODY, "duplicate VNI or device name")
-    return Hello(mtu, nets)
+    return Hello(mtu, nets, keepalive_ms, misses)
 
 
 def _decode_network(raw: bytes) -> PodNetwork:

@@ -45,8 +45,8 @@ NONCE = bytes(range(100, 116))
 # The wire layout, written out independently of the module's struct definitions.
 NETWORK_LEN = 4 + 1 + 4 + 1 + 16 + 16  # vni, v4 plen, v4, v6 plen, v6, device name
 ENDPOINT_LEN = 1 + 16 + 2  # family, padded address, port
-HELLO_FIXED = 3  # mtu, network count
-NET0 = HEADER_LEN + HELLO_FIXED  # offset of the first network record in a hello datagram
+HELLO_FIXED = 3 + 5  # mtu, network count; keepalive interval, misses
+NET0 = HEADER_LEN + 3  # network records follow mtu and count
 OFF_VNI, OFF_PLEN4, OFF_ADDR4, OFF_PLEN6, OFF_ADDR6, OFF_NAME = 0, 4, 5, 9, 10, 26
 ABSENT = 0xFF
 
@@ -93,6 +93,7 @@ V6_END = Endpoint(ipaddress.IPv6Address("2001:db8::9"), 65535)
 ROUND_TRIP = {
     "hello-1-network": message(Hello(1450, (net(0),))),
     "hello-16-networks": message(Hello(1500, tuple(net(i) for i in range(MAX_NETWORKS)))),
+    "hello-fast-keepalive": message(Hello(1450, (net(0),), keepalive_ms=250, misses=2)),
     "hello-ipv4-only": message(Hello(68, (net(1, v6=False),))),
     "hello-ipv6-only": message(Hello(65535, (net(2, v4=False),))),
     "hello-mixed-families": message(Hello(9000, (net(1, v6=False), net(2, v4=False), net(3)))),
@@ -160,7 +161,9 @@ def dev_field(name: bytes) -> bytes:
     return name.ljust(16, b"\0")
 
 
-def hello_with(*nets: PodNetwork, mtu: int = 1450, count: int | None = None) -> bytes:
+def hello_with(
+    *nets: PodNetwork, mtu: int = 1450, count: int | None = None, keepalive_ms: int = 5000, misses: int = 3
+) -> bytes:
     """A signed hello built by hand, so that validate() cannot stop what the test wants on the wire."""
     records = b"".join(
         struct.pack(
@@ -174,7 +177,8 @@ def hello_with(*nets: PodNetwork, mtu: int = 1450, count: int | None = None) -> 
         )
         for n in nets
     )
-    return raw_datagram(MsgType.HELLO, struct.pack("!HB", mtu, len(nets) if count is None else count) + records)
+    head = struct.pack("!HB", mtu, len(nets) if count is None else count)
+    return raw_datagram(MsgType.HELLO, head + records + struct.pack("!IB", keepalive_ms, misses))
 
 
 def endpoint_bytes(family: int, address: bytes, port: int = 4000) -> bytes:
@@ -218,6 +222,9 @@ BAD_DATAGRAMS: dict[str, tuple[bytes, Reject]] = {
     "hello-body-empty": (raw_datagram(MsgType.HELLO, b""), Reject.BODY),
     "hello-mtu-10": (hello_with(net(0), mtu=10), Reject.BODY),
     "hello-mtu-67": (hello_with(net(0), mtu=67), Reject.BODY),
+    "hello-keepalive-9ms": (hello_with(net(0), keepalive_ms=9), Reject.BODY),
+    "hello-misses-0": (hello_with(net(0), misses=0), Reject.BODY),
+    "hello-misses-101": (hello_with(net(0), misses=101), Reject.BODY),
     "ipv4-prefix-33": (hello_net_field(OFF_PLEN4, bytes([33])), Reject.BODY),
     "ipv4-prefix-254": (hello_net_field(OFF_PLEN4, bytes([254])), Reject.BODY),
     "ipv6-prefix-129": (hello_net_field(OFF_PLEN6, bytes([129])), Reject.BODY),
