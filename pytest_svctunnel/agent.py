@@ -42,6 +42,7 @@ log = logging.getLogger("svctunnel.agent")
 _PENDING_TTL_S = 10.0
 _PENDING_MAX = 32
 _REJECT_LOG_INTERVAL_S = 1.0
+_TICK_S = 0.25
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,9 @@ class Agent:
         self._committed_nonce: bytes | None = None
         self._last_reject_log = 0.0
         self._unlogged_rejects = 0
+        self._dead_after_s = 0.0
+        self._last_heard = time.monotonic()
+        self._rx_total = 0
 
     # -- the loop --------------------------------------------------------------
 
@@ -101,9 +105,10 @@ class Agent:
             with HelloTap(self.settings.port, self.settings.underlay_dev) as tap:
                 log.info("listening on UDP port %d (%s)", self.settings.port, self._pin_text())
                 while not stop():
-                    datagram = tap.receive(timeout=0.5)
+                    datagram = tap.receive(timeout=_TICK_S)
                     if datagram is not None:
                         self.handle(datagram)
+                    self.tick()
         finally:
             self.teardown()
 
@@ -114,6 +119,37 @@ class Agent:
         self._remove_networks()
         nft.delete_table("inet", nft.filter_table(self.settings.port))
         self._set_state("stopped", "removed all networks and the port filter")
+
+    # -- liveness ----------------------------------------------------------------
+
+    def tick(self) -> None:
+        """Withdraw the peer once nothing has come from it for keepalive x misses.
+
+        Only the authenticated peer gets through the port filter, so any frame the
+        devices received is a sign of life; the external end's keepalives provide them.
+        """
+        if self.status.state != "up":
+            return
+        rx = self._received()
+        now = time.monotonic()
+        if rx != self._rx_total:
+            self._rx_total, self._last_heard = rx, now
+        elif now - self._last_heard > self._dead_after_s:
+            for dev in self.status.networks:
+                device.set_peer(None, dev, None)
+            self.status.counters["withdrawn"] += 1
+            self._set_state(
+                "dead",
+                f"nothing from {self.status.peer} for {now - self._last_heard:.1f} s;"
+                " stopped sending until a new hello",
+            )
+
+    def _received(self) -> int:
+        total = 0
+        for dev in self.status.networks:
+            state = device.link_state(None, dev)
+            total += state.stats.get("rx_packets", 0) if state else 0
+        return total
 
     # -- handling datagrams ----------------------------------------------------
 
@@ -228,6 +264,8 @@ class Agent:
             device.ensure_vxlan(None, spec)
             device.set_peer(None, net.dev, peer)
         nft.apply(nft.pod_filter(self.settings.port, peer))
+        self._dead_after_s = pending.hello.keepalive_ms * pending.hello.misses / 1000
+        self._last_heard, self._rx_total = time.monotonic(), self._received()
         moved = self.status.peer is not None and self.status.peer != peer
         self.status.peer, self.status.mtu = peer, mtu
         self._set_state(

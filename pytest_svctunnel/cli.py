@@ -13,7 +13,7 @@ from typing import Any, NoReturn
 
 from . import keys
 from .agent import AgentSettings, run_agent
-from .config import parse_port, parse_seconds, parse_vni
+from .config import parse_misses, parse_port, parse_seconds, parse_vni
 from .connector import ConnectSettings, ExternalEnd
 from .errors import ConfigError, SvcTunnelError
 from .lab import Lab, lab_runs
@@ -47,6 +47,7 @@ def _argument(parse: Callable[[str], Any]) -> Callable[[str], Any]:
 _port = _argument(parse_port)
 _vni = _argument(parse_vni)
 _timeout = _argument(parse_seconds)
+_misses = _argument(parse_misses)
 
 
 def _iface(version: int) -> Callable[[str], Any]:
@@ -136,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     connect.add_argument("--dev", type=_dev, default="vxlan0")
     connect.add_argument("--timeout", type=_timeout, default=30.0, help="handshake deadline in seconds")
     connect.add_argument("--underlay-dev", type=_dev)
+    connect.add_argument("--keepalive", type=_timeout, default=5.0, help="seconds between keepalives (default 5)")
+    connect.add_argument("--misses", type=_misses, default=3, help="missed keepalives before re-handshake (default 3)")
 
     lab = sub.add_parser("lab", help="the built-in lab: namespaces that copy a cluster's network path")
     lab_sub = lab.add_subparsers(dest="lab_command", required=True, parser_class=_Parser)
@@ -192,10 +195,13 @@ def _connect(args: argparse.Namespace) -> int:
     key = keys.read_key_file(args.key_file)
     net = single_network(args.dev, args.vni, args.ipv4, args.ipv6, args.remote_ipv4, args.remote_ipv6)
     require_net_admin("svctunnel connect")
-    settings = ConnectSettings(args.service, key, (net,), args.timeout, args.underlay_dev)
+    settings = ConnectSettings(args.service, key, (net,), args.timeout, args.underlay_dev, args.keepalive, args.misses)
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, _raise_stop)
     end = ExternalEnd(settings)
+    signal.signal(
+        signal.SIGUSR1, lambda *_: logging.getLogger("svctunnel.connect").info("status: %s", end.status.render())
+    )
     ready = False
     try:
         conn = end.open()

@@ -46,7 +46,7 @@ def parse_seconds(text: str) -> float:
     return _number(text, float, "seconds", 0, 3600, True)
 
 
-def _misses(text: str) -> int:
+def parse_misses(text: str) -> int:
     """How many keepalives in a row may go unanswered, 1..100."""
     return int(_number(text, int, "misses", 1, 100, False))
 
@@ -115,7 +115,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("keep", _choice(KEEP), "never", "keep what the session built: never, on-failure or always"),
     Option("underlay_dev", _text, None, "this host's device towards the Service (default: from the route)"),
     Option("keepalive", parse_seconds, "5", "seconds between keepalives through the tunnel"),
-    Option("misses", _misses, "3", "keepalives missed in a row before the path counts as dead"),
+    Option("misses", parse_misses, "3", "keepalives missed in a row before the path counts as dead"),
     Option("reap", _boolean, "false", "at session start, remove what runs that are gone left behind"),
 )
 OPTION_BY_KEY = {o.key: o for o in OPTIONS}

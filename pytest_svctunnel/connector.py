@@ -9,13 +9,15 @@ from __future__ import annotations
 import logging
 import secrets
 import socket
+import threading
 import time
+from collections import Counter
 from collections.abc import Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from . import device
-from .errors import WaitTimeout
+from .errors import HandshakeError, SvcTunnelError, WaitTimeout
 from .networks import Network
 from .probe import ping_once
 from .protocol import (
@@ -44,6 +46,8 @@ class ConnectSettings:
     networks: tuple[Network, ...]
     timeout: float = 30.0
     underlay_dev: str | None = None
+    keepalive: float = 5.0
+    misses: int = 3
 
 
 @dataclass(frozen=True)
@@ -91,7 +95,10 @@ class Handshake:
         return None
 
 
-def _handshake(settings: ConnectSettings, route: device.Route, hello: Hello) -> tuple[Ack, Endpoint]:
+def _handshake(
+    settings: ConnectSettings, route: device.Route, hello: Hello, cancel: threading.Event | None = None
+) -> tuple[Ack, Endpoint]:
+    """Run the handshake from a fresh port; retransmits every second until the deadline."""
     family = socket.AF_INET if route.source.version == 4 else socket.AF_INET6
     deadline = Deadline.after(settings.timeout)
     shake = Handshake(settings.key, hello)
@@ -100,7 +107,7 @@ def _handshake(settings: ConnectSettings, route: device.Route, hello: Hello) -> 
         sock.bind((str(route.source), 0))
         local = Endpoint(route.source, sock.getsockname()[1])
         log.info("handshake: hello from %s to %s", local, settings.service)
-        while not deadline.expired():
+        while not deadline.expired() and not (cancel and cancel.is_set()):
             sock.sendto(shake.next_datagram(), target)
             resend_at = time.monotonic() + RETRANSMIT_S
             while (left := min(resend_at, deadline.expires_at) - time.monotonic()) > 0:
@@ -124,21 +131,49 @@ def _handshake(settings: ConnectSettings, route: device.Route, hello: Hello) -> 
     )
 
 
+@dataclass
+class EndStatus:
+    """The external end's state and counters, for logs, SIGUSR1 and diagnostics."""
+
+    state: str = "handshake"
+    peer: Endpoint | None = None
+    local: Endpoint | None = None
+    counters: Counter[str] = field(default_factory=Counter)
+
+    def render(self) -> str:
+        counts = " ".join(f"{k}={v}" for k, v in sorted(self.counters.items())) or "-"
+        return f"state={self.state} local={self.local or '-'} peer={self.peer or '-'} counters: {counts}"
+
+
 class ExternalEnd:
-    """Opens the tunnel from this host and removes its devices on close (safe to call twice)."""
+    """Opens the tunnel from this host, keeps it alive, and removes its devices on close.
+
+    After ``open``, a keeper thread pings through the tunnel every keepalive interval
+    (more often once one goes unanswered). After ``misses`` misses in a row the path
+    is dead: the keeper runs a new handshake from a fresh source port, so no stale
+    conntrack entry on the node or in a NAT can capture it, and moves the devices
+    over to that port. ``close`` is safe to call twice.
+    """
 
     def __init__(self, settings: ConnectSettings, stopwatch: Stopwatch | None = None) -> None:
         self.settings = settings
         self.stopwatch = stopwatch or Stopwatch()
+        self.status = EndStatus()
         self._stack = ExitStack()
+        self._stop = threading.Event()
+        self._keeper: threading.Thread | None = None
+        self._hello: Hello | None = None
         self.connection: Connection | None = None
 
     def open(self) -> Connection:
         try:
-            return self._open()
+            connection = self._open()
         except BaseException:
             self.close()
             raise
+        self._keeper = threading.Thread(target=self._keep, name="svctunnel-keepalive", daemon=True)
+        self._keeper.start()
+        return connection
 
     def _open(self) -> Connection:
         s = self.settings
@@ -147,36 +182,106 @@ class ExternalEnd:
         mtu = device.tunnel_mtu(underlay_mtu, s.service.address.version)
         for net in s.networks:
             device.check_name_free(None, net.dev)
-        hello = Hello(mtu, tuple(n.pod_network() for n in s.networks))
-        deadline = Deadline.after(s.timeout)
-        ack, local = _handshake(s, route, hello)
-        self.stopwatch.lap("handshake")
-        mtu = min(mtu, ack.mtu)
+        self._hello = Hello(mtu, tuple(n.pod_network() for n in s.networks), round(s.keepalive * 1000), s.misses)
+        for net in s.networks:
+            self._stack.callback(device.delete_vxlan, None, net.dev)
+        connection = self._connect(route, Deadline.after(s.timeout), self.stopwatch)
+        log.info(
+            "up: the pod sees this end as %s; %d network(s), mtu %d",
+            connection.peer,
+            len(connection.networks),
+            connection.networks[0].mtu,
+        )
+        return connection
+
+    def _connect(self, route: device.Route, deadline: Deadline, stopwatch: Stopwatch) -> Connection:
+        """Handshake from a fresh port, then (re)build the devices on that port and check traffic."""
+        s, hello = self.settings, self._hello
+        assert hello is not None
+        ack, local = _handshake(s, route, hello, self._stop)
+        stopwatch.lap("handshake")
+        mtu = min(hello.mtu, ack.mtu)
         nets = tuple(n.with_mtu(mtu) for n in s.networks)
         for net in nets:
-            self._stack.callback(device.delete_vxlan, None, net.dev)
             addresses = tuple(a for a in (net.local_ipv4, net.local_ipv6) if a is not None)
-            spec = device.VxlanSpec(
-                net.dev, net.vni, local.port, route.source, s.underlay_dev or route.dev, mtu, addresses
+            underlay = s.underlay_dev or route.dev
+            device.ensure_vxlan(
+                None, device.VxlanSpec(net.dev, net.vni, local.port, route.source, underlay, mtu, addresses)
             )
-            device.ensure_vxlan(None, spec)
             device.set_peer(None, net.dev, s.service)
-        log.info("handshake done: the pod sees this end as %s; %d network(s), mtu %d", ack.observed, len(nets), mtu)
-        self.stopwatch.lap("devices")
-        wait_carries_traffic(nets, deadline)
-        self.stopwatch.lap("first ping")
+        stopwatch.lap("devices")
+        wait_carries_traffic(nets, deadline, self._stop)
+        stopwatch.lap("first ping")
         self.connection = Connection(s.service, ack.observed, local, nets)
+        self.status.state, self.status.peer, self.status.local = "up", ack.observed, local
+        self.status.counters["handshakes"] += 1
         return self.connection
 
+    # -- keeping it alive ------------------------------------------------------
+
+    def _keep(self) -> None:
+        interval, misses = self.settings.keepalive, self.settings.misses
+        probe_timeout = interval / misses
+        missed = 0
+        while not self._stop.wait(interval if missed == 0 else 0):
+            if self._probe(probe_timeout):
+                missed = 0
+                continue
+            missed += 1
+            self.status.counters["keepalives-missed"] += 1
+            if missed >= misses:
+                self._set_state("dead", f"{missed} keepalives in a row unanswered")
+                self._reopen()
+                missed = 0
+
+    def _probe(self, timeout: float) -> bool:
+        self.status.counters["keepalives"] += 1
+        net = self.settings.networks[0]
+        target = net.remote_ipv4 or net.remote_ipv6
+        assert target is not None
+        try:
+            return ping_once(net.dev, target.ip, timeout)
+        except OSError:
+            return False  # the device is being rebuilt
+
+    def _reopen(self) -> None:
+        """New handshakes from fresh ports until one carries traffic again, or close()."""
+        while not self._stop.is_set():
+            old = self.status.peer
+            self.status.counters["rehandshakes"] += 1
+            self._set_state("rehandshake", f"re-opening the flow from a fresh port (was {self.status.local})")
+            try:
+                route = device.route_to(None, self.settings.service.address)
+                conn = self._connect(route, Deadline.after(self.settings.timeout), Stopwatch())
+            except (SvcTunnelError, OSError) as exc:
+                if self._stop.is_set():
+                    return
+                log.warning("re-handshake failed: %s", exc)
+                self._stop.wait(min(self.settings.keepalive, 1.0))
+                continue
+            moved = f"; peer moved from {old} to {conn.peer}" if old != conn.peer else ""
+            log.info("up: tunnel carries traffic again via port %d%s", conn.local.port, moved)
+            return
+
+    def _set_state(self, state: str, why: str) -> None:
+        if state != self.status.state:
+            log.info("%s: %s", state, why)
+        self.status.state = state
+
     def close(self) -> None:
+        self._stop.set()
+        if self._keeper is not None and self._keeper is not threading.current_thread():
+            self._keeper.join(timeout=RETRANSMIT_S + self.settings.keepalive + 5)
         self._stack.close()
 
 
-def wait_carries_traffic(nets: Sequence[Network], deadline: Deadline) -> None:
+def wait_carries_traffic(nets: Sequence[Network], deadline: Deadline, cancel: threading.Event | None = None) -> None:
     """Ping every pod-end address over its device until each answers, or time out."""
     targets = [(n.dev, a.ip) for n in nets for a in (n.remote_ipv4, n.remote_ipv6) if a is not None]
     waiting = list(targets)
     while waiting:
+        if cancel is not None and cancel.is_set():
+            raise HandshakeError("stopped while waiting for tunnel traffic")
         dev, address = waiting[0]
         if ping_once(dev, address, timeout=min(0.2, max(deadline.remaining(), 0.01))):
             waiting.pop(0)

@@ -35,7 +35,7 @@ ROLES = ("home", "wan", "node", "pod")
 _LAB_FILE = "lab.json"
 NAT_PORTS = (20000, 29999)
 _FORWARDING = {"net.ipv4.ip_forward": "1", "net.ipv6.conf.all.forwarding": "1"}
-_NO_DAD = {"net.ipv6.conf.all.accept_dad": "0", "net.ipv6.conf.default.accept_dad": "0"}
+NO_DAD = {"net.ipv6.conf.all.accept_dad": "0", "net.ipv6.conf.default.accept_dad": "0"}
 
 
 @dataclass(frozen=True)
@@ -113,8 +113,8 @@ def _routes(plan: LabPlan, version: int) -> list[tuple[str | None, str, IPAddres
     ]
 
 
-def home_rules(plan: LabPlan) -> str:
-    ports = f" to :{NAT_PORTS[0]}-{NAT_PORTS[1]} random" if plan.rewrite_ports else ""
+def home_rules(plan: LabPlan, nat_ports: tuple[int, int] = NAT_PORTS) -> str:
+    ports = f" to :{nat_ports[0]}-{nat_ports[1]} random" if plan.rewrite_ports else ""
     l4 = "meta l4proto { tcp, udp } " if plan.rewrite_ports else ""
     body = (
         "  chain postrouting {\n    type nat hook postrouting priority srcnat; policy accept;\n"
@@ -183,7 +183,7 @@ class Lab:
             self._save()
             for role in ROLES:
                 netns.create(self.plan.ns(role))
-                netns.sysctl(self.plan.ns(role), _NO_DAD)
+                netns.sysctl(self.plan.ns(role), NO_DAD)
             for role in ("home", "wan", "node"):
                 netns.sysctl(self.plan.ns(role), _FORWARDING)
             self._wire()

@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-from collections.abc import Mapping
+import os
+import signal
+import time
+from collections.abc import Callable, Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,6 +106,7 @@ class LabBackend:
         self.lab.down(timeout=max(deadline.remaining(), 1.0))
 
     def diagnostics(self) -> list[tuple[str, str]]:
+        _ask_for_status(self.lab.agent.pid, self.lab.log_text)
         return [
             diagnostics.safely("agent log (pod end)", lambda: self.lab.log_tail(40)),
             diagnostics.safely("pod end links", lambda: self.lab.link_report("pod")),
@@ -114,6 +118,20 @@ class LabBackend:
             f"lab kept: inspect with 'svctunnel lab status --run {run_id}',"
             f" remove with 'svctunnel lab down --run {run_id}'"
         )
+
+
+def _ask_for_status(pid: int | None, log_text: Callable[[], str]) -> None:
+    """SIGUSR1 makes the agent log its state and counters; wait briefly for the line."""
+    if pid is None:
+        return
+    before = log_text().count("status: ")
+    try:
+        os.kill(pid, signal.SIGUSR1)
+    except ProcessLookupError:
+        return
+    deadline = Deadline.after(1.0)
+    while log_text().count("status: ") == before and not deadline.expired():
+        time.sleep(0.02)
 
 
 def make_backend(config: TunnelConfig, run: Run) -> Backend:
@@ -137,6 +155,7 @@ class TunnelSession:
         self._run: Run | None = None
         self._snapshot: str | None = None
         self.stopwatch = Stopwatch()
+        self._end: ExternalEnd | None = None
         self.tunnel: Tunnel | None = None
 
     @property
@@ -164,9 +183,15 @@ class TunnelSession:
         self._stack.callback(lambda: backend.teardown(Deadline.after(timeout)))
         service = backend.deploy(key_file, self.config.peer, Deadline.after(timeout), self.stopwatch)
         settings = ConnectSettings(
-            service, keys.parse_key(key_hex, "session key"), self.networks, timeout, self.config.underlay_dev
+            service,
+            keys.parse_key(key_hex, "session key"),
+            self.networks,
+            timeout,
+            self.config.underlay_dev,
+            self.config.keepalive,
+            self.config.misses,
         )
-        end = ExternalEnd(settings, self.stopwatch)
+        end = self._end = ExternalEnd(settings, self.stopwatch)
         self._stack.callback(end.close)
         conn: Connection = end.open()
         self.tunnel = Tunnel(MappingProxyType({n.name: n for n in conn.networks}), service, conn.peer, self.run_id)
@@ -186,6 +211,8 @@ class TunnelSession:
         if self._snapshot is not None:
             return self._snapshot
         parts = [diagnostics.safely("external end links", lambda: diagnostics.local_links(f"svt{self.run_id}-"))]
+        if self._end is not None:
+            parts.append(("external end status", self._end.status.render()))
         if self._backend is not None:
             parts += self._backend.diagnostics()
         return diagnostics.render(parts)

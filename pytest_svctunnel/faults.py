@@ -1,0 +1,72 @@
+"""Faults a real cluster path suffers, injected into a lab: for the recovery tests and the soak.
+
+Each function causes one fault and returns once it is in place; none of them touches
+either tunnel end's configuration, so whatever heals afterwards healed on its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+from pathlib import Path
+
+from . import device, netns, nft
+from .lab import NO_DAD, Lab, home_rules
+from .waiting import Deadline, wait_for
+
+
+def flush_conntrack(lab: Lab, role: str) -> None:
+    """Forget every connection-tracking entry of one lab namespace (node or home router)."""
+    netns.run(lab.plan.ns(role), ["conntrack", "-F"], check=False)
+
+
+def rebind_home_nat(lab: Lab, nat_ports: tuple[int, int]) -> None:
+    """The home router forgets its mappings and hands out ports from another range."""
+    nft.apply(home_rules(lab.plan, nat_ports), lab.plan.ns("home"))
+    flush_conntrack(lab, "home")
+
+
+def kill_agent(lab: Lab) -> None:
+    """SIGKILL: the agent gets no chance to clean up."""
+    pid = lab.agent.pid
+    if pid is not None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    if lab.agent.proc is not None:
+        lab.agent.proc.wait(10)
+
+
+def restart_pod(lab: Lab, key_file: Path, timeout: float = 30.0) -> None:
+    """What a pod restart does: the agent dies, the pod's network namespace is replaced by
+    a new one with the same address, and a fresh agent starts in it."""
+    kill_agent(lab)
+    pod = lab.plan.ns("pod")
+    netns.remove(pod)
+    wait_for(
+        lambda: None if device.link_exists(lab.plan.ns("node"), "pod") else True,
+        phase="old pod network gone",
+        deadline=Deadline.after(timeout),
+        describe=lambda: "the node's veth to the old pod still exists",
+    )
+    netns.create(pod)
+    netns.sysctl(pod, NO_DAD)
+    with device.netlink(lab.plan.ns("node")) as ipr:
+        ipr.link("add", ifname="pod", kind="veth", peer={"ifname": "eth0", "net_ns_fd": pod})
+    for role, dev, host in (("node", "pod", 1), ("pod", "eth0", 2)):
+        with device.netlink(lab.plan.ns(role)) as ipr:
+            index = ipr.link_lookup(ifname=dev)[0]
+            for version in (4, 6):
+                ipr.addr(
+                    "add",
+                    index=index,
+                    address=str(lab.plan.address(version, 4, host)),
+                    prefixlen=lab.plan.prefix(version),
+                    flags=device.IFA_F_NODAD if version == 6 else 0,
+                )
+            ipr.link("set", index=index, state="up")
+            ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+    with device.netlink(pod) as ipr:
+        for version, default in ((4, "0.0.0.0/0"), (6, "::/0")):
+            ipr.route("add", dst=default, gateway=str(lab.plan.address(version, 4, 1)))
+    lab.start_agent(key_file, timeout=timeout)
