@@ -42,6 +42,9 @@ def restart_pod(lab: Lab, key_file: Path, timeout: float = 30.0) -> None:
     a new one with the same address, and a fresh agent starts in it."""
     kill_agent(lab)
     pod = lab.plan.ns("pod")
+    for pid in netns.run(None, ["ip", "netns", "pids", pod], check=False).split():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(int(pid), signal.SIGKILL)  # every container of the pod dies with it
     netns.remove(pod)
     wait_for(
         lambda: None if device.link_exists(lab.plan.ns("node"), "pod") else True,
@@ -70,3 +73,33 @@ def restart_pod(lab: Lab, key_file: Path, timeout: float = 30.0) -> None:
         for version, default in ((4, "0.0.0.0/0"), (6, "::/0")):
             ipr.route("add", dst=default, gateway=str(lab.plan.address(version, 4, 1)))
     lab.start_agent(key_file, timeout=timeout)
+
+
+def add_internet_host(lab: Lab, index: int) -> str:
+    """Another host on the internet side (hung off the WAN router): a stranger to the tunnel.
+
+    Returns its namespace, ``svt-<run>-stranger<index>``; the caller removes it.
+    """
+    ns = lab.plan.ns(f"stranger{index}")
+    segment = 5 + index
+    netns.create(ns)
+    netns.sysctl(ns, NO_DAD)
+    with device.netlink(lab.plan.ns("wan")) as ipr:
+        ipr.link("add", ifname=f"s{index}", kind="veth", peer={"ifname": "eth0", "net_ns_fd": ns})
+    for role_ns, dev, host in ((lab.plan.ns("wan"), f"s{index}", 1), (ns, "eth0", 2)):
+        with device.netlink(role_ns) as ipr:
+            link = ipr.link_lookup(ifname=dev)[0]
+            for version in (4, 6):
+                ipr.addr(
+                    "add",
+                    index=link,
+                    address=str(lab.plan.address(version, segment, host)),
+                    prefixlen=lab.plan.prefix(version),
+                    flags=device.IFA_F_NODAD if version == 6 else 0,
+                )
+            ipr.link("set", index=link, state="up")
+            ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+    with device.netlink(ns) as ipr:
+        for version, default in ((4, "0.0.0.0/0"), (6, "::/0")):
+            ipr.route("add", dst=default, gateway=str(lab.plan.address(version, segment, 1)))
+    return ns

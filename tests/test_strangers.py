@@ -1,0 +1,165 @@
+"""A public load-balancer address lets anyone send to the tunnel port: none of them get in."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pytest_svctunnel import faults, keys, netns
+from pytest_svctunnel.lab import Lab
+from pytest_svctunnel.runs import Run
+
+from .helpers import Connect, svctunnel_cmd
+
+pytestmark = pytest.mark.root
+
+LOCAL4, REMOTE4, LOCAL6, REMOTE6 = "10.78.0.2/30", "10.78.0.1/30", "fd00:78::2/126", "fd00:78::1/126"
+
+CAPTURE = """
+import sys
+from pytest_svctunnel.transport import HelloTap
+with HelloTap(int(sys.argv[1])) as tap:
+    print("open", flush=True)
+    d = tap.receive(timeout=30.0)
+    print(d.payload.hex() if d else "", flush=True)
+"""
+
+FLOOD = """
+import os, random, socket, sys
+rng = random.Random(11)
+with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+    for _ in range(int(sys.argv[3])):
+        s.sendto(os.urandom(rng.randint(1, 1400)), (sys.argv[1], int(sys.argv[2])))
+"""
+
+REPLAY = """
+import socket, sys
+with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+    for _ in range(5):
+        s.sendto(bytes.fromhex(sys.argv[3]), (sys.argv[1], int(sys.argv[2])))
+"""
+
+
+@pytest.fixture
+def strangers(lab: Lab) -> Iterator[tuple[str, str]]:
+    made = [faults.add_internet_host(lab, 1), faults.add_internet_host(lab, 2)]
+    yield made[0], made[1]
+    for ns in made:
+        netns.remove(ns)
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def _cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_strangers_cannot_disturb_a_running_tunnel(
+    lab: Lab, key_file: Path, run: Run, dev: str, connect: type[Connect], strangers: tuple[str, str]
+) -> None:
+    wrong_key_host, replay_host = strangers
+    service = lab.plan.service(4)
+    lab.start_agent(key_file)
+    # capture the valid hello on its way, at the home router
+    capture = subprocess.Popen(
+        ["ip", "netns", "exec", lab.plan.ns("home"), sys.executable, "-c", CAPTURE, str(service.port)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert capture.stdout is not None and capture.stdout.readline().strip() == "open"
+    good = connect(
+        [
+            "--service",
+            str(service),
+            "--key-file",
+            str(key_file),
+            "--dev",
+            dev,
+            "--ipv4",
+            LOCAL4,
+            "--remote-ipv4",
+            REMOTE4,
+            "--ipv6",
+            LOCAL6,
+            "--remote-ipv6",
+            REMOTE6,
+        ]
+    )
+    good.ready_line()
+    hello_hex = capture.communicate(timeout=30)[0].strip()
+    assert hello_hex.startswith(b"SVTN".hex())
+    peer_before = lab.log_text().split("tunnel up with ")[1].split(",")[0]
+    pid = lab.agent.pid
+    assert pid is not None
+    rss_before = _rss_kib(pid)
+
+    pingers = [
+        subprocess.Popen(
+            ["ping", "-I", dev, "-i", "0.05", "-c", "200", "-W", "1", address.split("/")[0]],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for address in (REMOTE4, REMOTE6)
+    ]
+    wrong = run.dir / "wrong.key"
+    keys.write_key_file(wrong, keys.generate_key())
+    intruder = subprocess.run(
+        [
+            "ip",
+            "netns",
+            "exec",
+            wrong_key_host,
+            *svctunnel_cmd(
+                "connect",
+                "--service",
+                str(service),
+                "--key-file",
+                str(wrong),
+                "--dev",
+                "svtstranger0",
+                "--timeout",
+                "3",
+            ),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    netns.run(replay_host, [sys.executable, "-c", REPLAY, str(service.address), str(service.port), hello_hex])
+    started, cpu_before = time.monotonic(), _cpu_s(pid)
+    netns.run(replay_host, [sys.executable, "-c", FLOOD, str(service.address), str(service.port), "10000"], timeout=120)
+    flood_s, cpu_after = time.monotonic() - started, _cpu_s(pid)
+    outputs = [p.communicate(timeout=60)[0] for p in pingers]
+
+    rss_after = _rss_kib(pid)
+    print(
+        f"flood of 10000 datagrams in {flood_s:.2f} s: agent CPU {1000 * (cpu_after - cpu_before):.0f} ms,"
+        f" RSS {rss_before} -> {rss_after} KiB"
+    )
+    assert intruder.returncode == 1 and "no answer to any hello" in intruder.stderr
+    for out in outputs:
+        assert " 0% packet loss" in out, out
+    assert lab.agent.alive()
+    log = lab.log_text()
+    assert "peer moved" not in log
+    assert log.split("tunnel up with ")[-1].split(",")[0] == peer_before
+    fdb = netns.run(lab.plan.ns("pod"), ["bridge", "fdb", "show", "dev", dev])
+    assert f"dst {peer_before.rsplit(':', 1)[0]} port {peer_before.rsplit(':', 1)[1]}" in fdb
+    assert "bad-mac" in log and "replayed" in log
+    assert rss_after - rss_before < 2048, "the agent's memory must stay flat under a flood"
+    # the flood never reached the VXLAN device: dropped by the pod's port filter
+    stats = netns.run(lab.plan.ns("pod"), ["nft", "list", "table", "inet", "svctunnel_5533"])
+    dropped = int(stats.split("counter packets ")[1].split()[0])
+    assert dropped >= 10000
