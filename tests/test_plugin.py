@@ -667,6 +667,8 @@ def test_failing_test_gets_diagnostics_section(inner: InnerRuns, pytester: pytes
     assert "listening on UDP port" in body
     assert re.search(link_line(run_id, "0"), body), body
     assert "--- external end links" in body and "--- pod end links" in body
+    assert re.search(r"--- external end status\nstate=up local=\S+ peer=\S+ counters: .*handshakes=1", body), body
+    assert re.search(r"status: state=up peer=\S+ mtu=1450 networks=", body), body
     pod_links = body.split("--- pod end links", 1)[1]
     assert re.search(link_line(run_id, "0"), pod_links), body
     # only the failing test that uses the tunnel gets the section

@@ -170,3 +170,23 @@ def test_pod_withdraws_when_the_peer_falls_silent(tunnel: Connect, agent: Lab, d
     )
     after = int(netns.run(pod, ["cat", f"/sys/class/net/{dev}/statistics/tx_packets"]))
     assert after == before, "the pod must send nothing on the tunnel while the peer is withdrawn"
+
+
+def test_both_ends_report_state_and_counters_on_sigusr1(tunnel: Connect, agent: Lab) -> None:
+    import os
+    import signal
+
+    pid = agent.agent.pid
+    assert pid is not None
+    time.sleep(1.5 * KEEPALIVE)  # at least one keepalive has gone out and come back
+    os.kill(pid, signal.SIGUSR1)
+    tunnel.proc.send_signal(signal.SIGUSR1)
+    deadline = Deadline.after(5)
+    while "status: state=up" not in agent.log_text() and not deadline.expired():
+        time.sleep(0.05)
+    agent_status = agent.log_text().split("status: ")[-1]
+    assert agent_status.startswith("state=up peer=") and "handshakes=1" in agent_status and "hellos=" in agent_status
+    time.sleep(0.3)
+    tunnel.stop()
+    end_status = tunnel.stderr().split("status: ")[-1].splitlines()[0]
+    assert end_status.startswith("state=up local=") and "handshakes=1" in end_status and "keepalives=" in end_status
