@@ -125,7 +125,7 @@ def _pod_talker(lab: Lab, address: str) -> subprocess.Popen[bytes]:
 def _inject(kind: str, lab: Lab, key_file: Path, rng: random.Random) -> float:
     """Cause one fault; returns the moment it ended."""
     if kind == "conntrack":
-        faults.flush_conntrack(lab, "node")
+        faults.flush_node_conntrack_pod_first(lab)
     elif kind == "pod-restart":
         faults.restart_pod(lab, key_file)
     elif kind == "nat-rebind":

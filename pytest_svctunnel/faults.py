@@ -103,3 +103,32 @@ def add_internet_host(lab: Lab, index: int) -> str:
         for version, default in ((4, "0.0.0.0/0"), (6, "::/0")):
             ipr.route("add", dst=default, gateway=str(lab.plan.address(version, segment, 1)))
     return ns
+
+
+def _pod_flows(lab: Lab) -> list[str]:
+    pod = str(lab.plan.pod_address(4))
+    return [
+        line
+        for line in lab.conntrack("node").splitlines()
+        if "src=" in line and line.split("src=")[1].startswith(pod + " ")
+    ]
+
+
+def flush_node_conntrack_pod_first(lab: Lab, timeout: float = 10.0) -> None:
+    """The original's catch, mid-session: the node forgets the flow and the pod (which must be
+    sending) speaks before the external end does, so its traffic is masqueraded to the node
+    address and the entry it leaves blocks the old flow. The external side's tunnel traffic is
+    held back at the home router until that has happened."""
+    block = "table inet svtblock {\n  chain forward {\n    type filter hook forward priority -10; policy accept;\n"
+    block += f'    iifname "lan" udp dport {lab.plan.port} drop\n  }}\n}}\n'
+    nft.apply(block, lab.plan.ns("home"))
+    try:
+        flush_conntrack(lab, "node")
+        wait_for(
+            lambda: True if _pod_flows(lab) else None,
+            phase="the pod speaking first",
+            deadline=Deadline.after(timeout),
+            describe=lambda: "no flow from the pod on the node; is it sending?",
+        )
+    finally:
+        nft.delete_table("inet", "svtblock", lab.plan.ns("home"))
