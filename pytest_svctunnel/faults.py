@@ -52,42 +52,19 @@ def restart_pod(lab: Lab, key_file: Path, timeout: float = 30.0) -> None:
         deadline=Deadline.after(timeout),
         describe=lambda: "the node's veth to the old pod still exists",
     )
-    netns.create(pod)
-    netns.sysctl(pod, NO_DAD)
-    with device.netlink(lab.plan.ns("node")) as ipr:
-        ipr.link("add", ifname="pod", kind="veth", peer={"ifname": "eth0", "net_ns_fd": pod})
-    for role, dev, host in (("node", "pod", 1), ("pod", "eth0", 2)):
-        with device.netlink(lab.plan.ns(role)) as ipr:
-            index = ipr.link_lookup(ifname=dev)[0]
-            for version in (4, 6):
-                ipr.addr(
-                    "add",
-                    index=index,
-                    address=str(lab.plan.address(version, 4, host)),
-                    prefixlen=lab.plan.prefix(version),
-                    flags=device.IFA_F_NODAD if version == 6 else 0,
-                )
-            ipr.link("set", index=index, state="up")
-            ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
-    with device.netlink(pod) as ipr:
-        for version, default in ((4, "0.0.0.0/0"), (6, "::/0")):
-            ipr.route("add", dst=default, gateway=str(lab.plan.address(version, 4, 1)))
+    _attach_host(lab, lab.plan.ns("node"), "pod", pod, 4)
     lab.start_agent(key_file, timeout=timeout)
 
 
-def add_internet_host(lab: Lab, index: int) -> str:
-    """Another host on the internet side (hung off the WAN router): a stranger to the tunnel.
-
-    Returns its namespace, ``svt-<run>-stranger<index>``; the caller removes it.
-    """
-    ns = lab.plan.ns(f"stranger{index}")
-    segment = 5 + index
+def _attach_host(lab: Lab, router_ns: str, router_dev: str, ns: str, segment: int) -> None:
+    """A new namespace ``ns`` wired to a lab router by a veth: the router's end takes host 1 of
+    the lab segment, the new host ("eth0") host 2, with a default route through the router."""
     netns.create(ns)
     netns.sysctl(ns, NO_DAD)
-    with device.netlink(lab.plan.ns("wan")) as ipr:
-        ipr.link("add", ifname=f"s{index}", kind="veth", peer={"ifname": "eth0", "net_ns_fd": ns})
-    for role_ns, dev, host in ((lab.plan.ns("wan"), f"s{index}", 1), (ns, "eth0", 2)):
-        with device.netlink(role_ns) as ipr:
+    with device.netlink(router_ns) as ipr:
+        ipr.link("add", ifname=router_dev, kind="veth", peer={"ifname": "eth0", "net_ns_fd": ns})
+    for side_ns, dev, host in ((router_ns, router_dev, 1), (ns, "eth0", 2)):
+        with device.netlink(side_ns) as ipr:
             link = ipr.link_lookup(ifname=dev)[0]
             for version in (4, 6):
                 ipr.addr(
@@ -102,6 +79,15 @@ def add_internet_host(lab: Lab, index: int) -> str:
     with device.netlink(ns) as ipr:
         for version, default in ((4, "0.0.0.0/0"), (6, "::/0")):
             ipr.route("add", dst=default, gateway=str(lab.plan.address(version, segment, 1)))
+
+
+def add_internet_host(lab: Lab, index: int) -> str:
+    """Another host on the internet side (hung off the WAN router): a stranger to the tunnel.
+
+    Returns its namespace, ``svt-<run>-stranger<index>``; the caller removes it.
+    """
+    ns = lab.plan.ns(f"stranger{index}")
+    _attach_host(lab, lab.plan.ns("wan"), f"s{index}", ns, 5 + index)
     return ns
 
 
