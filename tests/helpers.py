@@ -64,3 +64,25 @@ def ping(
     if dont_fragment:
         argv += ["-M", "do"]
     return subprocess.run([*argv, str(address)], capture_output=True, text=True)
+
+
+def connect_argv(
+    service: object, key_file: object, dev: str, ipv4: str, remote_ipv4: str, ipv6: str, remote_ipv6: str
+) -> list[str]:
+    """``svctunnel connect`` arguments for one network with explicit addresses on both ends."""
+    return [
+        "--service",
+        str(service),
+        "--key-file",
+        str(key_file),
+        "--dev",
+        dev,
+        "--ipv4",
+        ipv4,
+        "--remote-ipv4",
+        remote_ipv4,
+        "--ipv6",
+        ipv6,
+        "--remote-ipv6",
+        remote_ipv6,
+    ]

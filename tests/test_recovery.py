@@ -19,7 +19,7 @@ from pytest_svctunnel.lab import Lab
 from pytest_svctunnel.probe import ping_once
 from pytest_svctunnel.waiting import Deadline
 
-from .helpers import Connect
+from .helpers import Connect, connect_argv
 
 pytestmark = pytest.mark.root
 
@@ -36,20 +36,7 @@ def agent(lab: Lab, key_file: Path) -> Lab:
 
 def connect_args(lab: Lab, key_file: Path, dev: str) -> list[str]:
     return [
-        "--service",
-        str(lab.plan.service(4)),
-        "--key-file",
-        str(key_file),
-        "--dev",
-        dev,
-        "--ipv4",
-        LOCAL4,
-        "--remote-ipv4",
-        REMOTE4,
-        "--ipv6",
-        LOCAL6,
-        "--remote-ipv6",
-        REMOTE6,
+        *connect_argv(lab.plan.service(4), key_file, dev, LOCAL4, REMOTE4, LOCAL6, REMOTE6),
         "--keepalive",
         str(KEEPALIVE),
         "--timeout",

@@ -15,7 +15,7 @@ from pytest_svctunnel import faults, keys, netns
 from pytest_svctunnel.lab import Lab
 from pytest_svctunnel.runs import Run
 
-from .helpers import Connect, svctunnel_cmd
+from .helpers import Connect, connect_argv, svctunnel_cmd
 
 pytestmark = pytest.mark.root
 
@@ -79,24 +79,7 @@ def test_strangers_cannot_disturb_a_running_tunnel(
         text=True,
     )
     assert capture.stdout is not None and capture.stdout.readline().strip() == "open"
-    good = connect(
-        [
-            "--service",
-            str(service),
-            "--key-file",
-            str(key_file),
-            "--dev",
-            dev,
-            "--ipv4",
-            LOCAL4,
-            "--remote-ipv4",
-            REMOTE4,
-            "--ipv6",
-            LOCAL6,
-            "--remote-ipv6",
-            REMOTE6,
-        ]
-    )
+    good = connect(connect_argv(service, key_file, dev, LOCAL4, REMOTE4, LOCAL6, REMOTE6))
     good.ready_line()
     hello_hex = capture.communicate(timeout=30)[0].strip()
     assert hello_hex.startswith(b"SVTN".hex())
