@@ -1,4 +1,4 @@
-"""The ``svctunnel`` command: keygen, agent, connect, lab."""
+"""The ``svctunnel`` command: keygen, agent, connect, lab, reap."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from .lab import Lab, lab_runs
 from .networks import DEFAULT_VNI, single_network
 from .privileges import require_net_admin
 from .protocol import Endpoint, valid_dev_name
+from .reaper import Reaper
 from .runs import Run
 
 EXIT_USAGE = 2
@@ -148,6 +149,14 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("down", "status"):
         cmd = lab_sub.add_parser(name, help=f"{name} a lab (all labs when --run is not given)")
         cmd.add_argument("--run", help="the run id printed by 'lab up'")
+
+    reap = sub.add_parser(
+        "reap", help="remove what runs that are gone (owner exited, e.g. a killed pytest) left behind"
+    )
+    reap.add_argument(
+        "--include-detached", action="store_true", help="also labs of 'lab up' and kept sessions (like 'lab down')"
+    )
+    reap.add_argument("--dry-run", action="store_true", help="only list what would be removed")
     return parser
 
 
@@ -238,6 +247,7 @@ def _lab(args: argparse.Namespace) -> int:
             run.remove()
             raise
         lab.agent.detach()  # the agent outlives this command; 'lab down' stops it by its pid
+        run.detach()  # and so does the run: 'svctunnel reap' leaves it to 'lab down'
         print(lab.status())
         print(f"connect: svctunnel connect --service {lab.plan.service(4)} --key-file {key_file}")
         print(f"remove:  svctunnel lab down --run {run.id}")
@@ -258,9 +268,19 @@ def _lab(args: argparse.Namespace) -> int:
     return 0
 
 
+def _reap(args: argparse.Namespace) -> int:
+    if not args.dry_run:
+        require_net_admin("svctunnel reap")
+    report = Reaper(include_detached=args.include_detached).run(dry_run=args.dry_run)
+    for line in report.lines():
+        print(line)
+    return 1 if report.failed else 0
+
+
 _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "keygen": _keygen,
     "agent": _agent,
     "connect": _connect,
     "lab": _lab,
+    "reap": _reap,
 }

@@ -19,23 +19,30 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import socket
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import device, netns, nft
+from . import device, netns, nft, pids
 from .errors import LabError, SvcTunnelError
 from .process import AgentProcess
 from .protocol import Endpoint, IPAddress
 from .runs import Run, all_runs
+from .shield import shield
 from .waiting import Deadline, wait_for
 
 ROLES = ("home", "wan", "node", "pod")
 _LAB_FILE = "lab.json"
+NETNS_DIR = Path("/run/netns")  # where named network namespaces live
 NAT_PORTS = (20000, 29999)
 _FORWARDING = {"net.ipv4.ip_forward": "1", "net.ipv6.conf.all.forwarding": "1"}
 NO_DAD = {"net.ipv6.conf.all.accept_dad": "0", "net.ipv6.conf.default.accept_dad": "0"}
+
+
+def namespace_name(run_id: str, role: str) -> str:
+    return f"svt-{run_id}-{role}"
 
 
 @dataclass(frozen=True)
@@ -48,7 +55,7 @@ class LabPlan:
     rewrite_ports: bool = True
 
     def ns(self, role: str) -> str:
-        return f"svt-{self.run_id}-{role}"
+        return namespace_name(self.run_id, role)
 
     @property
     def lan_link(self) -> str:
@@ -148,7 +155,9 @@ def node_rules(plan: LabPlan) -> str:
 
 
 def _pick_block(run_id: str) -> int:
-    used = set()
+    """A block no other lab uses: not one of this state root's runs, nor one whose addresses
+    exist on this host already (a lab of another state root, another user or test session)."""
+    used = _blocks_on_this_host()
     for run in all_runs():
         data = run.read(_LAB_FILE)
         if data and run.id != run_id:
@@ -157,6 +166,13 @@ def _pick_block(run_id: str) -> int:
     while block in used:
         block = block % 250 + 1
     return block
+
+
+def _blocks_on_this_host() -> set[int]:
+    """Every K of a 198.18.K.x address in this namespace."""
+    with device.netlink(None) as ipr:
+        addresses = [str(msg.get_attr("IFA_ADDRESS")) for msg in ipr.get_addr(family=socket.AF_INET)]
+    return {int(a.split(".")[2]) for a in addresses if a.startswith("198.18.")}
 
 
 class Lab:
@@ -251,25 +267,10 @@ class Lab:
     # -- removal and inspection ---------------------------------------------------
 
     def down(self, timeout: float = 30.0) -> None:
-        """Stop the agent, remove every namespace and link of the run, and wait until gone."""
-        errors: list[str] = []
-        with contextlib.suppress(SvcTunnelError, OSError):
-            self.stop_agent(min(timeout, 10.0))
-        for role in ROLES:
-            try:
-                netns.remove(self.plan.ns(role))
-            except SvcTunnelError as exc:
-                errors.append(str(exc))
-        for name in device.links_with_prefix(None, self.plan.link_prefix):
-            device.delete_link(None, name)
-        wait_for(
-            lambda: None if device.links_with_prefix(None, self.plan.link_prefix) else True,
-            phase="lab removal",
-            deadline=Deadline.after(timeout),
-            describe=lambda: f"links still there: {device.links_with_prefix(None, self.plan.link_prefix)}",
-        )
-        if errors:
-            raise LabError("; ".join(errors))
+        """Stop the agent and anything else running in the lab, remove every namespace and link of
+        the run, and wait until gone. SIGINT, SIGTERM and SIGALRM wait until this is done."""
+        with shield():
+            remove_run_objects(self.run.id, self.agent, Deadline.after(timeout))
 
     def exists(self) -> bool:
         return any(netns.exists(self.plan.ns(r)) for r in ROLES)
@@ -296,6 +297,45 @@ class Lab:
             f"agent pid {pid if self.agent.alive() else '-'}; log {self.agent.log_path}",
         ]
         return "\n".join(lines)
+
+
+def remove_run_objects(run_id: str, agent: AgentProcess, deadline: Deadline) -> None:
+    """Remove what a lab run made on this host, found by its id alone (also without lab.json):
+    its agent, every process in its namespaces, the namespaces ``svt-<id>-*`` and this
+    namespace's links ``svt<id>-*``. Gone already is success; LabError names what is left."""
+    errors: list[str] = []
+    with contextlib.suppress(SvcTunnelError, OSError):  # what survives is stopped with the namespaces' processes
+        agent.stop(min(deadline.remaining(), 10.0))
+    names = sorted({*netns.listing(f"svt-{run_id}-"), *(namespace_name(run_id, role) for role in ROLES)})
+    identities = {ident for name in names if (ident := pids.netns_id(NETNS_DIR / name)) is not None}
+    _stop_processes_in(identities, deadline)
+    for name in names:
+        try:
+            netns.remove(name)
+        except SvcTunnelError as exc:
+            errors.append(str(exc))
+    prefix = f"svt{run_id}-"
+    for name in device.links_with_prefix(None, prefix):
+        device.delete_link(None, name)
+    # again: a process may have entered a namespace between the first look and its removal
+    if stuck := _stop_processes_in(identities, deadline):
+        errors.append(f"processes {', '.join(str(p.pid) for p in stuck)} in its namespaces survived SIGKILL")
+    wait_for(
+        lambda: None if device.links_with_prefix(None, prefix) else True,
+        phase="lab removal",
+        deadline=deadline,
+        describe=lambda: f"links still there: {device.links_with_prefix(None, prefix)}",
+    )
+    if errors:
+        raise LabError(
+            f"removing lab {run_id}: " + "; ".join(errors) + "; everything left carries the run id:"
+            " 'svctunnel reap' removes it once this process has exited"
+        )
+
+
+def _stop_processes_in(namespaces: set[tuple[int, int]], deadline: Deadline) -> list[pids.ProcessRef]:
+    """Stop every process in the given network namespaces; returns those that would not exit."""
+    return pids.terminate(pids.in_netns(namespaces), deadline)
 
 
 def lab_runs() -> Iterator[Run]:

@@ -1,4 +1,5 @@
-"""pytest hooks only: options, markers, collection, report header and sections."""
+"""pytest hooks only: options, markers, collection, report header and sections, and clean stops
+(SIGTERM stops pytest like Ctrl-C; --svctunnel-reap at session start; a last teardown at the end)."""
 
 from __future__ import annotations
 
@@ -7,11 +8,13 @@ from collections.abc import Generator
 
 import pytest
 
+from . import interrupts
 from .config import OPTIONS, resolve
 from .errors import ConfigError
 from .fixtures import svctunnel, svctunnel_network, svctunnel_networks
 from .networks import NetworkRequest, device_names, parse_request, plan_networks
-from .runs import new_run_id
+from .runs import Run, new_run_id
+from .shield import shield
 from .state import PLUGIN_STATE, PluginState
 
 __all__ = ["svctunnel", "svctunnel_network", "svctunnel_networks"]
@@ -51,6 +54,70 @@ def pytest_configure(config: pytest.Config) -> None:
         state.error = exc
         if not (config.option.help or config.option.markers or getattr(config.option, "version", False)):
             raise pytest.UsageError(f"svctunnel: {exc}") from None
+    _stop_like_ctrl_c(config)
+
+
+_INTERRUPT_HANDLERS = pytest.StashKey[dict[int, interrupts.InterruptThisProcess]]()
+
+
+def _stop_like_ctrl_c(config: pytest.Config) -> None:
+    """SIGTERM (by default fatal without teardown) stops pytest like Ctrl-C, and no Ctrl-C,
+    SIGTERM or pytest-timeout alarm is lost in a fork; see interrupts.py."""
+    interrupts.guard_forks()
+    config.stash[_INTERRUPT_HANDLERS] = interrupts.install()
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    interrupts.restore(config.stash.get(_INTERRUPT_HANDLERS, {}))
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """--svctunnel-reap: remove what runs that are gone left behind, one terminal line per run."""
+    state = session.config.stash.get(PLUGIN_STATE, None)
+    if state is None or state.config is None or not state.config.reap:
+        return
+    from .reaper import reap_for_session  # netlink loads only when reaping is asked for
+
+    for line in reap_for_session(state.config.timeout):
+        _write_line(session.config, f"svctunnel: {line}")
+
+
+@pytest.hookimpl(wrapper=True, trylast=True)
+def pytest_sessionfinish(session: pytest.Session) -> Generator[None, None, None]:
+    """After every teardown, also one that a signal cut short (or that never started because a
+    signal came between the tunnel's setup and the fixture's yield): stop the session's tunnel
+    if it still stands, and mark a kept run detached so 'svctunnel reap' leaves it alone."""
+    try:
+        return (yield)
+    finally:
+        _finish_run(session)
+
+
+def _finish_run(session: pytest.Session) -> None:
+    state = session.config.stash.get(PLUGIN_STATE, None)
+    if state is None or state.session is None:
+        return
+    tunnel_session, state.session = state.session, None
+    with shield():
+        try:
+            note = tunnel_session.stop(failed=session.testsfailed > 0)  # a no-op after a full teardown
+        except Exception as exc:  # the last chance to say it; the run stays for 'svctunnel reap'
+            _write_line(session.config, f"svctunnel: removing the tunnel failed: {exc}; run 'svctunnel reap'")
+            return
+        run = Run.existing(state.run_id)
+        if not run.dir.is_dir():
+            return
+        if note:
+            state.kept_note = state.kept_note or note
+            run.detach()
+        else:
+            run.remove()  # a stop cut short right after creating the run left only this directory
+
+
+def _write_line(config: pytest.Config, line: str) -> None:
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(line)
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:

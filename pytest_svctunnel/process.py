@@ -1,7 +1,8 @@
 """``svctunnel agent`` as a local process inside a named network namespace.
 
-Used by the lab (the pod namespace). The process records its pid in the run's
-state directory, so a later command (``svctunnel lab down``) can stop it too.
+Used by the lab (the pod namespace). The process records its pid and start time in
+the run's state directory, so a later command (``svctunnel lab down``, ``svctunnel
+reap``) can stop it too, and never a process that got the same pid later.
 """
 
 from __future__ import annotations
@@ -11,11 +12,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from .errors import LabError
+from .pids import ProcessRef, terminate
 from .protocol import IPAddress
 from .runs import Run
 from .waiting import Deadline, wait_for
@@ -57,7 +58,8 @@ class AgentProcess:
             argv += ["--peer", str(peer)]
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
-        self.run.write(self._pid_file, {"pid": self.proc.pid})
+        started = ProcessRef.of(self.proc.pid)
+        self.run.write(self._pid_file, {"pid": self.proc.pid, "start_time": started.start_time if started else None})
         wait_for(
             self._listening,
             phase="agent start",
@@ -76,34 +78,42 @@ class AgentProcess:
         """The running agent's pid: ours, or the one a previous command recorded."""
         if self.proc is not None:
             return self.proc.pid
+        recorded = self._recorded()
+        return recorded.pid if recorded else None
+
+    def _recorded(self) -> ProcessRef | None:
         data = self.run.read(self._pid_file)
-        return int(data["pid"]) if data else None
+        if not data or not isinstance(data.get("pid"), int):
+            return None
+        start = data.get("start_time")
+        return ProcessRef(data["pid"], start if isinstance(start, int) else None)
 
     def alive(self) -> bool:
         if self.proc is not None:
             return self.proc.poll() is None
-        pid = self.pid
-        return pid is not None and _alive(pid)
+        recorded = self._recorded()
+        return recorded is not None and recorded.alive()
 
     def detach(self) -> None:
         """Forget the child without stopping it; ``stop`` still finds it by its recorded pid."""
         self.proc = None
 
     def stop(self, timeout: float = 10.0) -> None:
-        """SIGTERM the agent and wait; SIGKILL if it does not stop in time. Gone already is fine."""
-        pid = self.pid
-        if pid is None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
+        """SIGTERM the agent and wait; SIGKILL if it does not stop in time. Gone already is fine.
+
+        Without the child at hand, only the recorded process is signalled (same pid and start time)."""
         if self.proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.proc.pid, signal.SIGTERM)
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(timeout)
-        else:
-            _wait_gone(pid, timeout)
+        elif (recorded := self._recorded()) is not None:
+            left = terminate([recorded], Deadline.after(timeout), grace=timeout)
+            if left:
+                raise LabError(f"agent pid {recorded.pid} did not exit after SIGKILL; it may be stuck in the kernel")
         self.proc = None
         (self.run.dir / self._pid_file).unlink(missing_ok=True)
 
@@ -115,22 +125,3 @@ class AgentProcess:
 
     def log_tail(self, lines: int = 40) -> str:
         return "\n".join(self.log_text().splitlines()[-lines:])
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _wait_gone(pid: int, timeout: float) -> None:
-    end = time.monotonic() + timeout
-    while _alive(pid) and time.monotonic() < end:
-        time.sleep(0.05)
-    if _alive(pid):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)

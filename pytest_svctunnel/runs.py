@@ -1,7 +1,9 @@
 """Run identity: every namespace, link and object a run creates carries its id.
 
 A run's state directory holds its key, agent log and lab description, so that
-``svctunnel lab down`` (or a reaper) can find exactly what the run made.
+``svctunnel lab down`` (or a reaper) can find exactly what the run made. Its owner
+record (``owner.json``: pid, the pid's start time, and whether the run is detached)
+tells whether the run is gone: not detached, and its owner process no longer runs.
 """
 
 from __future__ import annotations
@@ -10,17 +12,57 @@ import json
 import os
 import secrets
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .pids import ProcessRef
+
 STATE_ENV = "SVCTUNNEL_STATE_DIR"
 _DEFAULT_ROOT = "/run/svctunnel"
 _JOURNAL = "runs.journal"
+OWNER_FILE = "owner.json"
+# a state directory without an owner record is being created, unless it has not changed for this long
+OWNERLESS_GRACE_S = 60.0
 
 
 def state_root() -> Path:
     return Path(os.environ.get(STATE_ENV) or _DEFAULT_ROOT)
+
+
+@dataclass(frozen=True)
+class Owner:
+    """The process a run belongs to. A detached run outlives it on purpose (``svctunnel lab up``,
+    a session kept with --svctunnel-keep) and is removed by ``svctunnel lab down``."""
+
+    process: ProcessRef
+    detached: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {"pid": self.process.pid, "start_time": self.process.start_time, "detached": self.detached}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Owner | None:
+        """The owner in a record; None if it is not one (a start time of None: an older record)."""
+        pid, start, detached = data.get("pid"), data.get("start_time"), data.get("detached", False)
+        if not isinstance(pid, int) or not (start is None or isinstance(start, int)) or not isinstance(detached, bool):
+            return None
+        return cls(ProcessRef(pid, start), detached)
+
+
+@dataclass(frozen=True)
+class Liveness:
+    """Whether a run's owner still runs, whether the run is detached, and why, in words."""
+
+    owner_alive: bool
+    detached: bool
+    reason: str
+
+    @property
+    def gone(self) -> bool:
+        """Nothing will remove this run's objects any more: ``svctunnel reap`` may."""
+        return not self.owner_alive and not self.detached
 
 
 @dataclass(frozen=True)
@@ -48,7 +90,7 @@ class Run:
         with (root / _JOURNAL).open("a", encoding="ascii") as journal:
             journal.write(run_id + "\n")
         run = cls(run_id, path)
-        run.write("owner.json", {"pid": os.getpid()})
+        run.write(OWNER_FILE, Owner(ProcessRef.current()).to_json())
         return run
 
     @property
@@ -61,7 +103,10 @@ class Run:
         return cls(run_id, state_root() / run_id)
 
     def write(self, name: str, data: dict[str, Any]) -> None:
-        (self.dir / name).write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+        """Replace ``name`` in the state directory at once: a reader sees the old or the new file."""
+        temporary = self.dir / f".{name}.{os.getpid()}.tmp"
+        temporary.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+        os.replace(temporary, self.dir / name)
 
     def read(self, name: str) -> dict[str, Any] | None:
         try:
@@ -72,6 +117,34 @@ class Run:
 
     def remove(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
+
+    def owner(self) -> Owner | None:
+        data = self.read(OWNER_FILE)
+        return Owner.from_json(data) if data is not None else None
+
+    def detach(self) -> None:
+        """Mark the run as meant to outlive its owner; ``svctunnel reap`` then leaves it alone."""
+        owner = self.owner() or Owner(ProcessRef.current())
+        self.write(OWNER_FILE, Owner(owner.process, detached=True).to_json())
+
+    def liveness(self) -> Liveness:
+        owner = self.owner()
+        if owner is None:
+            return self._ownerless()
+        alive = owner.process.alive()
+        what = f"owner {owner.process.describe()}"
+        if owner.detached:
+            what = f"detached ('svctunnel lab up' or a kept session); {what}"
+        return Liveness(alive, owner.detached, what)
+
+    def _ownerless(self) -> Liveness:
+        try:
+            idle = time.time() - self.dir.stat().st_mtime
+        except FileNotFoundError:  # its owner removed it just now, at the end of its teardown
+            return Liveness(True, False, "state directory removed meanwhile")
+        if idle < OWNERLESS_GRACE_S:
+            return Liveness(True, False, f"no owner record yet, changed {idle:.0f} s ago (being created)")
+        return Liveness(False, False, f"no owner record, unchanged for {idle:.0f} s")
 
 
 def new_run_id() -> str:

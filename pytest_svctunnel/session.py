@@ -25,6 +25,7 @@ from .networks import DEFAULT_NAME, Network
 from .privileges import require_net_admin
 from .protocol import Endpoint, IPAddress
 from .runs import Run
+from .shield import shield
 from .waiting import Deadline, Stopwatch
 
 log = logging.getLogger("svctunnel.session")
@@ -168,8 +169,9 @@ class TunnelSession:
         try:
             return self._start()
         except BaseException:
-            self._snapshot = self.diagnostics()
-            self._stack.close()
+            with shield():  # a second Ctrl-C, SIGTERM or timeout waits until all is undone
+                self._snapshot = self.diagnostics()
+                self._stack.close()
             raise
 
     def _start(self) -> Tunnel:
@@ -203,7 +205,8 @@ class TunnelSession:
         if keep and self._backend is not None:
             self._stack.pop_all()
             return self._backend.describe_kept()
-        self._stack.close()
+        with shield():  # SIGINT, SIGTERM and pytest-timeout's alarm wait until all is removed
+            self._stack.close()
         return None
 
     def diagnostics(self) -> str:

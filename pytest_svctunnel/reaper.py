@@ -1,0 +1,167 @@
+"""Reaping: remove what runs that are gone left behind, chosen by run id under one state root.
+
+A run is gone when its owner process no longer runs (pid and start time, see ``runs``) and
+it is not detached (``svctunnel lab up`` and kept sessions outlive their owner on purpose;
+``include_detached`` takes those too once their owner has exited). For each gone run the
+reaper stops its agent and every process in its namespaces, removes the namespaces
+``svt-<id>-*`` and this namespace's links ``svt<id>-*``, then its state directory.
+
+Only runs with a state directory under this state root are touched. Objects named for an id
+without one belong to another state root (another user or test session) and are only
+listed. Running it twice is harmless; what is already gone counts as removed.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import device, netns, pids
+from .errors import PrivilegeError, SvcTunnelError
+from .lab import NETNS_DIR, namespace_name, remove_run_objects
+from .privileges import require_net_admin
+from .process import AgentProcess
+from .runs import Liveness, Run, all_runs, state_root
+from .shield import shield
+from .waiting import Deadline
+
+RUN_ID = re.compile(r"[0-9a-f]{6}")
+_NAMESPACE = re.compile(r"svt-(?P<run>[0-9a-f]{6})-")
+_LINK = re.compile(r"svt(?P<run>[0-9a-f]{6})-")
+DEFAULT_TIMEOUT_S = 30.0
+
+
+@dataclass(frozen=True)
+class Leftovers:
+    """What exists of one run on this host right now."""
+
+    namespaces: tuple[str, ...]
+    links: tuple[str, ...]
+    processes: tuple[int, ...]
+
+    @classmethod
+    def of(cls, run: Run) -> Leftovers:
+        namespaces = tuple(netns.listing(f"svt-{run.id}-"))
+        identities = {ident for name in namespaces if (ident := pids.netns_id(NETNS_DIR / name))}
+        agent = AgentProcess(run, namespace_name(run.id, "pod"))
+        found = {ref.pid for ref in pids.in_netns(identities)}
+        if agent.alive() and agent.pid is not None:
+            found.add(agent.pid)
+        return cls(namespaces, tuple(device.links_with_prefix(None, f"svt{run.id}-")), tuple(sorted(found)))
+
+    def describe(self) -> str:
+        parts = [
+            f"{label} {', '.join(map(str, items))}"
+            for label, items in (
+                ("namespaces", self.namespaces),
+                ("links", self.links),
+                ("processes", self.processes),
+            )
+            if items
+        ]
+        return "; ".join(parts) if parts else "only its state directory"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """One run under the state root and whether to reap it."""
+
+    run: Run
+    liveness: Liveness
+    reap: bool
+
+
+@dataclass
+class ReapReport:
+    """What one reaping pass did (or, dry, would do): one line per reaped run, failures, notes."""
+
+    root: Path
+    dry_run: bool
+    reaped: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    left_alone: list[str] = field(default_factory=list)
+    orphans: list[str] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        lines = self.reaped + self.failed + self.left_alone + self.orphans
+        return lines or [f"nothing to reap under {self.root}"]
+
+
+class Reaper:
+    """Finds the runs under the current state root that are gone and removes what they left."""
+
+    def __init__(self, include_detached: bool = False, timeout: float = DEFAULT_TIMEOUT_S) -> None:
+        self.include_detached = include_detached
+        self.timeout = timeout
+        self.root = state_root()
+
+    def verdicts(self) -> list[Verdict]:
+        """Every run under the state root (named like a run id) with its liveness and the decision."""
+        out = []
+        for run in all_runs():
+            if RUN_ID.fullmatch(run.id):
+                liveness = run.liveness()
+                detached_and_done = self.include_detached and liveness.detached and not liveness.owner_alive
+                out.append(Verdict(run, liveness, liveness.gone or detached_and_done))
+        return out
+
+    def run(self, dry_run: bool = False) -> ReapReport:
+        """Reap every gone run (or only say what that would remove) and list what stays."""
+        report = ReapReport(self.root, dry_run)
+        verdicts = self.verdicts()
+        for verdict in verdicts:
+            if not verdict.reap:
+                report.left_alone.append(f"left alone: run {verdict.run.id} ({verdict.liveness.reason})")
+            elif dry_run:
+                found = Leftovers.of(verdict.run)
+                report.reaped.append(f"would reap run {verdict.run.id} ({verdict.liveness.reason}): {found.describe()}")
+            else:
+                self._reap_one(verdict, report)
+        report.orphans = self.orphans({v.run.id for v in verdicts})
+        return report
+
+    def _reap_one(self, verdict: Verdict, report: ReapReport) -> None:
+        run = verdict.run
+        try:
+            found = reap_run(run, Deadline.after(self.timeout))
+        except SvcTunnelError as exc:
+            report.failed.append(f"could not reap run {run.id}: {exc}")
+            return
+        report.reaped.append(f"reaped run {run.id} ({verdict.liveness.reason}): {found.describe()}")
+
+    def orphans(self, known: set[str]) -> list[str]:
+        """Notes on objects named for runs without a state directory here: never touched."""
+        names: dict[str, list[str]] = {}
+        for name in netns.listing("svt-"):
+            if (match := _NAMESPACE.match(name)) and match["run"] not in known:
+                names.setdefault(match["run"], []).append(name)
+        for name in device.links_with_prefix(None, "svt"):
+            if (match := _LINK.match(name)) and match["run"] not in known:
+                names.setdefault(match["run"], []).append(name)
+        return [
+            f"not touched: {', '.join(found)} (run {run_id} has no state directory under {self.root};"
+            " another state root's, see SVCTUNNEL_STATE_DIR)"
+            for run_id, found in sorted(names.items())
+        ]
+
+
+def reap_run(run: Run, deadline: Deadline) -> Leftovers:
+    """Remove everything of one run and then its state directory; returns what there was.
+    SIGINT, SIGTERM and SIGALRM wait until it is done. The state directory stays if removal failed."""
+    with shield():
+        found = Leftovers.of(run)
+        remove_run_objects(run.id, AgentProcess(run, namespace_name(run.id, "pod")), deadline)
+        run.remove()
+    return found
+
+
+def reap_for_session(timeout: float) -> list[str]:
+    """What --svctunnel-reap does at session start: reap gone runs under the state root; returns
+    one line per reaped run and per failure (a missing privilege is one line, not an error)."""
+    try:
+        require_net_admin("--svctunnel-reap")
+    except PrivilegeError as exc:
+        return [f"reaping skipped: {exc}"]
+    report = Reaper(timeout=timeout).run()
+    return report.reaped + report.failed
