@@ -51,6 +51,15 @@ def parse_misses(text: str) -> int:
     return int(_number(text, int, "misses", 1, 100, False))
 
 
+def _boolean(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{text!r} is not true or false")
+
+
 def _choice(choices: tuple[str, ...]) -> Callable[[str], str]:
     def parse(text: str) -> str:
         if text not in choices:
@@ -107,6 +116,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("underlay_dev", _text, None, "this host's device towards the Service (default: from the route)"),
     Option("keepalive", parse_seconds, "5", "seconds between keepalives through the tunnel"),
     Option("misses", parse_misses, "3", "keepalives missed in a row before the path counts as dead"),
+    Option("reap", _boolean, "false", "at session start, remove what runs that are gone left behind"),
 )
 OPTION_BY_KEY = {o.key: o for o in OPTIONS}
 
@@ -124,6 +134,7 @@ class TunnelConfig:
     underlay_dev: str | None
     keepalive: float
     misses: int
+    reap: bool
     sources: Mapping[str, str]
 
     def describe(self) -> list[str]:

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from pytest_svctunnel.config import OPTION_BY_KEY, OPTIONS, TunnelConfig, resolve
 from pytest_svctunnel.errors import ConfigError
 
-KEYS = ("backend", "peer", "port", "vni", "timeout", "keep", "underlay_dev", "keepalive", "misses")
+KEYS = ("backend", "peer", "port", "vni", "timeout", "keep", "underlay_dev", "keepalive", "misses", "reap")
 ENV = {k: "SVCTUNNEL_" + k.upper() for k in KEYS}
 FLAG = {k: "--svctunnel-" + k.replace("_", "-") for k in KEYS}
 INI = {k: "svctunnel_" + k for k in KEYS}
@@ -27,6 +27,7 @@ DEFAULTS: dict[str, Any] = {
     "underlay_dev": None,
     "keepalive": 5.0,
     "misses": 3,
+    "reap": False,
 }
 
 # key -> ((cli raw, parsed), (env raw, parsed), (ini raw, parsed)); all three differ where the option allows it.
@@ -44,6 +45,7 @@ LAYERS: dict[str, tuple[tuple[str, Any], tuple[str, Any], tuple[str, Any]]] = {
     "underlay_dev": (("eth1", "eth1"), ("ens2", "ens2"), ("bond3", "bond3")),
     "keepalive": (("0.5", 0.5), ("2", 2.0), ("30", 30.0)),
     "misses": (("1", 1), ("5", 5), ("100", 100)),
+    "reap": (("true", True), ("0", False), ("yes", True)),
 }
 
 SCENARIOS = {
@@ -138,6 +140,7 @@ def test_describe() -> None:
         "underlay_dev=None (default)",
         "keepalive=5.0 (default)",
         "misses=3 (default)",
+        "reap=False (default)",
     ]
 
 
@@ -177,6 +180,7 @@ INVALID: dict[str, tuple[str, str, str]] = {
     "misses-0": ("misses", "0", "outside 1..100"),
     "misses-101": ("misses", "101", "outside 1..100"),
     "misses-float": ("misses", "2.5", "is not a whole number"),
+    "reap-maybe": ("reap", "maybe", "is not true or false"),
 }
 
 

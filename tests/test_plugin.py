@@ -24,7 +24,7 @@ import pytest
 from pytest_svctunnel.runs import state_root
 
 USAGE_ERROR = pytest.ExitCode.USAGE_ERROR
-OPTION_KEYS = ("backend", "peer", "port", "vni", "timeout", "keep", "underlay_dev", "keepalive", "misses")
+OPTION_KEYS = ("backend", "peer", "port", "vni", "timeout", "keep", "underlay_dev", "keepalive", "misses", "reap")
 FLAGS = tuple("--svctunnel-" + key.replace("_", "-") for key in OPTION_KEYS)
 ROLES = ("home", "wan", "node", "pod")
 INNER_TIMEOUT_S = 180
