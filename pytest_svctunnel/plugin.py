@@ -110,7 +110,7 @@ def _finish_run(session: pytest.Session) -> None:
         if note:
             state.kept_note = state.kept_note or note
             run.detach()
-        else:
+        elif not tunnel_session.teardown_failed:
             run.remove()  # a stop cut short right after creating the run left only this directory
 
 

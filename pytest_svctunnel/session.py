@@ -158,6 +158,7 @@ class TunnelSession:
         self.stopwatch = Stopwatch()
         self._end: ExternalEnd | None = None
         self.tunnel: Tunnel | None = None
+        self.teardown_failed = False  # then the run stays on record for 'svctunnel reap'
 
     @property
     def backend(self) -> Backend | None:
@@ -177,7 +178,7 @@ class TunnelSession:
     def _start(self) -> Tunnel:
         timeout = self.config.timeout
         run = self._run = Run.create(self.run_id)
-        self._stack.callback(run.remove)
+        self._stack.push(self._forget_run_when_clean)
         key_hex = keys.generate_key()
         key_file = run.dir / "key"
         keys.write_key_file(key_file, key_hex)
@@ -198,6 +199,14 @@ class TunnelSession:
         conn: Connection = end.open()
         self.tunnel = Tunnel(MappingProxyType({n.name: n for n in conn.networks}), service, conn.peer, self.run_id)
         return self.tunnel
+
+    def _forget_run_when_clean(self, kind: type[BaseException] | None, _exc: object, _tb: object) -> bool:
+        """The last undo step: remove the run's record only when every other step succeeded."""
+        if kind is not None:
+            self.teardown_failed = True
+        elif self._run is not None:
+            self._run.remove()
+        return False
 
     def stop(self, failed: bool) -> str | None:
         """Tear down unless --svctunnel-keep says otherwise; returns a note when kept."""

@@ -31,7 +31,7 @@ from pytest_svctunnel import reaper
 from pytest_svctunnel.lab import Lab
 from pytest_svctunnel.pids import ProcessRef, proc_stat
 from pytest_svctunnel.process import AgentProcess
-from pytest_svctunnel.runs import OWNER_FILE, OWNERLESS_GRACE_S, STATE_ENV, Run, state_root
+from pytest_svctunnel.runs import OWNER_FILE, OWNERLESS_GRACE_S, STATE_ENV, Run, new_run_id, state_root
 
 INTERRUPTED = pytest.ExitCode.INTERRUPTED
 _HEADER = re.compile(r"^svctunnel: run (?P<run>[0-9a-f]{6});", re.MULTILINE)
@@ -772,3 +772,39 @@ def test_lab_block_avoids_addresses_in_use_on_this_host(private_root: Path) -> N
         assert Lab(run).plan.block != wanted
     finally:
         subprocess.run(["ip", "link", "del", blocker], check=True)
+
+
+class _FailingDeploy:
+    """A backend whose deploy fails after teardown was registered; its teardown may fail too
+    (pure logic of the undo order: the real removal paths are tested above)."""
+
+    def __init__(self, teardown_fails: bool) -> None:
+        self.teardown_fails = teardown_fails
+
+    def deploy(self, *_args: object) -> None:
+        raise RuntimeError("deploy failed")
+
+    def teardown(self, _deadline: object) -> None:
+        if self.teardown_fails:
+            raise RuntimeError("teardown failed")
+
+    def diagnostics(self) -> list[tuple[str, str]]:
+        return []
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("teardown_fails", [False, True], ids=["clean-undo", "failed-undo"])
+def test_run_record_stays_when_its_removal_failed(
+    private_root: Path, monkeypatch: pytest.MonkeyPatch, teardown_fails: bool
+) -> None:
+    """A run whose removal failed stays on record (for 'svctunnel reap'); a clean one is forgotten."""
+    from pytest_svctunnel import session as session_module
+    from pytest_svctunnel.config import resolve
+
+    monkeypatch.setattr(session_module, "make_backend", lambda _config, _run: _FailingDeploy(teardown_fails))
+    run_id = new_run_id()
+    tunnel_session = session_module.TunnelSession(resolve({}, {}, {}), (), run_id)
+    with pytest.raises(RuntimeError, match="teardown failed" if teardown_fails else "deploy failed"):
+        tunnel_session.start()
+    assert tunnel_session.teardown_failed is teardown_fails
+    assert (private_root / run_id).is_dir() is teardown_fails
