@@ -214,6 +214,7 @@ def _connect(args: argparse.Namespace) -> int:
     ready = False
     try:
         conn = end.open()
+        ready = True  # before the line: a stop right after it is a clean stop of a ready tunnel
         built = conn.networks[0]
         addrs = ",".join(str(a) for a in (built.local_ipv4, built.local_ipv6) if a)
         remote = ",".join(str(a) for a in (built.remote_ipv4, built.remote_ipv6) if a)
@@ -222,7 +223,6 @@ def _connect(args: argparse.Namespace) -> int:
             f"service={conn.service} peer={conn.peer} port={conn.local.port}",
             flush=True,
         )
-        ready = True
         while True:
             signal.pause()
     except _Stop:
