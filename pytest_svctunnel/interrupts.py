@@ -23,9 +23,11 @@ import functools
 import os
 import signal
 import threading
-from collections.abc import Callable
-from types import FrameType
+from collections.abc import Callable, Generator
+from types import FrameType, TracebackType
 from typing import Any
+
+import pytest
 
 Handler = Callable[[int, FrameType | None], Any] | int | signal.Handlers | None
 DEFAULTS: dict[int, Handler] = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
@@ -94,3 +96,41 @@ def guard_forks(signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM, signa
     restore = functools.partial(libc.pthread_sigmask, int(signal.SIG_SETMASK), ctypes.byref(saved), None)
     os.register_at_fork(before=block, after_in_parent=restore, after_in_child=restore)
     _fork_hooks = (block, restore)
+
+
+class InterruptReport:
+    """A pytest plugin object: pytest formats an interrupt's traceback in its terminal reporter's
+    ``pytest_keyboard_interrupt``. On Python 3.11 that raises TypeError when the interrupt hit an
+    instruction without a line number (tb_lineno None; seen as pytest-dev/pytest-xdist#1196), and
+    the run ends with exit 1 and a crash instead of "interrupted". SIGTERM and pytest-timeout
+    interrupt at any instruction, so this hands the reporter the traceback without such entries."""
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_keyboard_interrupt(self, excinfo: pytest.ExceptionInfo[BaseException]) -> Generator[None, None, None]:
+        try:
+            return (yield)
+        except TypeError:
+            reporter = self.config.pluginmanager.get_plugin("terminalreporter")
+            if reporter is None:
+                raise
+            reporter.pytest_keyboard_interrupt(with_line_numbers(excinfo))
+            return None
+
+
+def with_line_numbers(excinfo: pytest.ExceptionInfo[BaseException]) -> pytest.ExceptionInfo[BaseException]:
+    """The same exception, its traceback without the entries that have no line number."""
+    entries = []
+    tb: TracebackType | None = excinfo.tb
+    while tb is not None:
+        if tb.tb_lineno is not None:  # typed int, but None after some interrupts on 3.11
+            entries.append(tb)
+        tb = tb.tb_next
+    kept: TracebackType | None = None
+    for entry in reversed(entries):
+        kept = TracebackType(kept, entry.tb_frame, entry.tb_lasti, entry.tb_lineno)
+    value = excinfo.value
+    value.__context__ = value.__cause__ = None  # their tracebacks could have the same hole
+    return pytest.ExceptionInfo.from_exc_info((type(value), value, kept))  # type: ignore[arg-type]

@@ -65,6 +65,7 @@ def _stop_like_ctrl_c(config: pytest.Config) -> None:
     SIGTERM or pytest-timeout alarm is lost in a fork; see interrupts.py."""
     interrupts.guard_forks()
     config.stash[_INTERRUPT_HANDLERS] = interrupts.install()
+    config.pluginmanager.register(interrupts.InterruptReport(config), "svctunnel-interrupt-report")
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

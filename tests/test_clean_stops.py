@@ -808,3 +808,27 @@ def test_run_record_stays_when_its_removal_failed(
         tunnel_session.start()
     assert tunnel_session.teardown_failed is teardown_fails
     assert (private_root / run_id).is_dir() is teardown_fails
+
+
+UNFORMATTABLE_CONFTEST = """
+import pytest
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_keyboard_interrupt(excinfo):
+    # what pytest's terminal reporter raises for an interrupt at an instruction without a line number
+    raise TypeError("unsupported operand type(s) for -: 'NoneType' and 'int'")
+"""
+
+
+def test_an_interrupt_pytest_cannot_format_still_ends_as_interrupted(pytester: pytest.Pytester) -> None:
+    """Python 3.11 can leave an interrupt's traceback without a line number; pytest's reporter then
+    raises TypeError and the run exits 1. The plugin keeps the run 'interrupted' with a plain line."""
+    pytester.makeconftest(UNFORMATTABLE_CONFTEST)
+    pytester.makepyfile(test_stop="def test_stop():\n    raise KeyboardInterrupt('SIGTERM received')\n")
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--svctunnel-backend", "lab")
+    assert result.ret == INTERRUPTED, result.stdout.str() + result.stderr.str()
+    result.stdout.fnmatch_lines(["*! KeyboardInterrupt: SIGTERM received !*", "*test_stop.py:2: KeyboardInterrupt*"])
+    assert "Traceback" not in result.stderr.str(), result.stderr.str()
+    without = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-p", "no:svctunnel")
+    assert without.ret not in (INTERRUPTED, pytest.ExitCode.OK), "the simulated fault must break pytest without us"
