@@ -16,6 +16,7 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import FrameType
 
 from . import device, nft
@@ -54,6 +55,8 @@ class AgentSettings:
     peer: IPAddress | None = None
     underlay_dev: str | None = None
     max_skew_s: float = DEFAULT_MAX_SKEW_S
+    ready_file: Path | None = None  # exists while the tunnel is up (a readiness probe tests it)
+    bridge: str | None = None  # every network's device joins this Linux bridge
 
 
 @dataclass
@@ -262,6 +265,8 @@ class Agent:
             addresses = tuple(a for a in (net.ipv4, net.ipv6) if a is not None)
             spec = device.VxlanSpec(net.dev, net.vni, self.settings.port, local.address, underlay, mtu, addresses)
             device.ensure_vxlan(None, spec)
+            if self.settings.bridge:
+                device.join_bridge(None, net.dev, self.settings.bridge)
             device.set_peer(None, net.dev, peer)
         nft.apply(nft.pod_filter(self.settings.port, peer))
         self._dead_after_s = pending.hello.keepalive_ms * pending.hello.misses / 1000
@@ -280,6 +285,19 @@ class Agent:
         if state != self.status.state or state == "up":
             log.info("%s: %s", state, why)
         self.status.state = state
+        self._mark_ready(state == "up")
+
+    def _mark_ready(self, ready: bool) -> None:
+        path = self.settings.ready_file
+        if path is None:
+            return
+        try:
+            if ready:
+                path.touch()
+            else:
+                path.unlink(missing_ok=True)
+        except OSError as exc:
+            log.error("could not %s the ready file %s: %s", "create" if ready else "remove", path, exc)
 
 
 def run_agent(settings: AgentSettings) -> int:

@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, NoReturn
 
 from . import keys
@@ -106,7 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("keygen", help="print a new random session key")
 
     agent = sub.add_parser("agent", help="run the pod end (settings also from SVCTUNNEL_* variables)")
-    agent.add_argument("--key-file", default=_env("SVCTUNNEL_KEY_FILE"), help="key file [SVCTUNNEL_KEY_FILE]")
+    agent.add_argument(
+        "--key-file",
+        default=_env("SVCTUNNEL_KEY_FILE"),
+        help="key file [SVCTUNNEL_KEY_FILE; or the key itself in SVCTUNNEL_KEY]",
+    )
     agent.add_argument("--port", type=_port, default=_env("SVCTUNNEL_PORT", "5533"), help="UDP port [SVCTUNNEL_PORT]")
     agent.add_argument(
         "--peer",
@@ -125,6 +130,17 @@ def build_parser() -> argparse.ArgumentParser:
         type=_timeout,
         default=_env("SVCTUNNEL_MAX_SKEW", "120"),
         help="accepted clock difference in seconds [SVCTUNNEL_MAX_SKEW]",
+    )
+    agent.add_argument(
+        "--ready-file",
+        default=_env("SVCTUNNEL_READY_FILE"),
+        help="a file that exists while the tunnel is up, for a readiness probe [SVCTUNNEL_READY_FILE]",
+    )
+    agent.add_argument(
+        "--bridge",
+        type=_dev,
+        default=_env("SVCTUNNEL_BRIDGE"),
+        help="every network's device joins this Linux bridge [SVCTUNNEL_BRIDGE]",
     )
 
     connect = sub.add_parser("connect", help="run the external end in the foreground")
@@ -178,15 +194,23 @@ def _keygen(_args: argparse.Namespace) -> int:
     return 0
 
 
+def _agent_key(key_file: str | None) -> bytes:
+    if key_file:
+        return keys.read_key_file(key_file)
+    if os.environ.get("SVCTUNNEL_KEY"):
+        return keys.parse_key(os.environ["SVCTUNNEL_KEY"], "SVCTUNNEL_KEY")
+    raise ConfigError("no key: give --key-file, or set SVCTUNNEL_KEY_FILE or SVCTUNNEL_KEY")
+
+
 def _agent(args: argparse.Namespace) -> int:
-    if not args.key_file:
-        raise ConfigError("no key file: give --key-file or set SVCTUNNEL_KEY_FILE")
     settings = AgentSettings(
-        key=keys.read_key_file(args.key_file),
+        key=_agent_key(args.key_file),
         port=_port(str(args.port)),
         peer=_address(args.peer) if isinstance(args.peer, str) else args.peer,
         underlay_dev=args.underlay_dev,
         max_skew_s=float(args.max_skew),
+        ready_file=Path(args.ready_file) if args.ready_file else None,
+        bridge=_dev(args.bridge) if args.bridge else None,
     )
     require_net_admin("svctunnel agent")
     return run_agent(settings)

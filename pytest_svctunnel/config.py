@@ -7,6 +7,7 @@ knows where each value came from (for the report header).
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -14,8 +15,13 @@ from typing import Any
 from .errors import ConfigError
 from .protocol import IPAddress
 
-BACKENDS = ("lab", "kubernetes")
+BACKENDS = ("kubernetes", "lab")
 KEEP = ("never", "on-failure", "always")
+SERVICE_TYPES = ("LoadBalancer", "NodePort")
+DEFAULT_IMAGE = "svctunnel-agent:0.1.0"  # built from the Dockerfile; a fixed tag, so KinD never pulls it
+_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+_DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")
+_IFNAME = re.compile(r"[^/\s:]{1,15}")
 
 
 def _number(text: str, cast: Callable[[str], float], what: str, low: int, high: int, low_open: bool) -> float:
@@ -79,6 +85,20 @@ def _text(text: str) -> str:
     return text
 
 
+def _matching(pattern: re.Pattern[str], what: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if not pattern.fullmatch(text):
+            raise ValueError(f"not {what}")
+        return text
+
+    return parse
+
+
+parse_namespace = _matching(_DNS_LABEL, "a Kubernetes namespace name (lower-case letters, digits and '-', at most 63)")
+parse_node = _matching(_DNS_SUBDOMAIN, "a Kubernetes node name (lower-case letters, digits, '-' and '.')")
+parse_bridge = _matching(_IFNAME, "a Linux interface name (1 to 15 characters, no '/', ':' or spaces)")
+
+
 @dataclass(frozen=True)
 class Option:
     """One setting: pytest option ``--svctunnel-<flag>``, ini ``svctunnel_<key>``, env ``SVCTUNNEL_<KEY>``."""
@@ -105,8 +125,8 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "backend",
         _choice(BACKENDS),
-        "lab",
-        "where the pod end runs: lab (network namespaces on this host) or kubernetes",
+        "kubernetes",
+        "where the pod end runs: kubernetes (the cluster of the kubeconfig) or lab (namespaces on this host)",
     ),
     Option("peer", _peer, None, "the address hellos must come from, as the pod sees it; others are ignored"),
     Option("port", parse_port, "5533", "the Service's UDP port, also the pod end's listening port"),
@@ -117,6 +137,13 @@ OPTIONS: tuple[Option, ...] = (
     Option("keepalive", parse_seconds, "5", "seconds between keepalives through the tunnel"),
     Option("misses", parse_misses, "3", "keepalives missed in a row before the path counts as dead"),
     Option("reap", _boolean, "false", "at session start, remove what runs that are gone left behind"),
+    Option("kubeconfig", _text, None, "kubeconfig file (default: $KUBECONFIG, then ~/.kube/config)"),
+    Option("context", _text, None, "kubeconfig context (default: its current context)"),
+    Option("namespace", parse_namespace, None, "namespace of the pod end (default: a fresh one per session)"),
+    Option("image", _text, DEFAULT_IMAGE, "image of the pod end; its entrypoint must be 'svctunnel'"),
+    Option("service_type", _choice(SERVICE_TYPES), "LoadBalancer", "the UDP Service's type: LoadBalancer or NodePort"),
+    Option("node", parse_node, None, "run the pod end with hostNetwork on this node: the networks land on the node"),
+    Option("bridge", parse_bridge, None, "with --svctunnel-node: each network's device joins this bridge on the node"),
 )
 OPTION_BY_KEY = {o.key: o for o in OPTIONS}
 
@@ -135,6 +162,13 @@ class TunnelConfig:
     keepalive: float
     misses: int
     reap: bool
+    kubeconfig: str | None
+    context: str | None
+    namespace: str | None
+    image: str
+    service_type: str
+    node: str | None
+    bridge: str | None
     sources: Mapping[str, str]
 
     def describe(self) -> list[str]:
@@ -154,11 +188,10 @@ def resolve(
         raw, source = _first(option, cli, env, ini)
         values[option.key] = None if raw is None else _parse(option, raw, source)
         sources[option.key] = source
-    if values["backend"] == "kubernetes":
-        where = _where(OPTION_BY_KEY["backend"], sources["backend"])
+    if values["bridge"] is not None and values["node"] is None:
+        where = _where(OPTION_BY_KEY["bridge"], sources["bridge"])
         raise ConfigError(
-            f"{where}=kubernetes: the kubernetes backend is not available in this version;"
-            f" set {where} to lab, or pass --svctunnel-backend lab (the built-in lab)"
+            f"{where}={values['bridge']} needs node mode: also set --svctunnel-node NAME, or leave out {where}"
         )
     return TunnelConfig(sources=sources, **values)
 

@@ -12,7 +12,7 @@ import socket
 import threading
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 
@@ -35,6 +35,7 @@ from .waiting import Deadline, Stopwatch
 
 log = logging.getLogger("svctunnel.connect")
 RETRANSMIT_S = 1.0
+FRESH_PORT_AFTER = 3  # unanswered hellos from one port before the next comes from a fresh one
 
 
 @dataclass(frozen=True)
@@ -96,32 +97,27 @@ class Handshake:
 
 
 def _handshake(
-    settings: ConnectSettings, route: device.Route, hello: Hello, cancel: threading.Event | None = None
+    settings: ConnectSettings,
+    route: device.Route,
+    hello: Hello,
+    cancel: threading.Event | None = None,
+    health: Callable[[], None] | None = None,
 ) -> tuple[Ack, Endpoint]:
-    """Run the handshake from a fresh port; retransmits every second until the deadline."""
+    """Run the handshake; retransmits every second until the deadline. While nothing answers,
+    every FRESH_PORT_AFTER hellos come from a fresh port, so a conntrack entry made before the
+    Service's rules existed cannot hold the flow. ``health`` raises if the pod end is gone for good."""
     family = socket.AF_INET if route.source.version == 4 else socket.AF_INET6
     deadline = Deadline.after(settings.timeout)
     shake = Handshake(settings.key, hello)
     target = (str(settings.service.address), settings.service.port)
-    with socket.socket(family, socket.SOCK_DGRAM) as sock:
-        sock.bind((str(route.source), 0))
-        local = Endpoint(route.source, sock.getsockname()[1])
-        log.info("handshake: hello from %s to %s", local, settings.service)
-        while not deadline.expired() and not (cancel and cancel.is_set()):
-            sock.sendto(shake.next_datagram(), target)
-            resend_at = time.monotonic() + RETRANSMIT_S
-            while (left := min(resend_at, deadline.expires_at) - time.monotonic()) > 0:
-                sock.settimeout(left)
-                try:
-                    data = sock.recv(4096)
-                except (TimeoutError, ConnectionRefusedError):
-                    continue
-                challenged = shake.nonce is not None
-                ack = shake.receive(data)
-                if ack is not None:
-                    return ack, local
-                if shake.nonce is not None and not challenged:
-                    break  # answer the challenge now rather than at the next retransmit
+    while not _stopped(deadline, cancel):
+        with socket.socket(family, socket.SOCK_DGRAM) as sock:
+            sock.bind((str(route.source), 0))
+            local = Endpoint(route.source, sock.getsockname()[1])
+            log.info("handshake: hello from %s to %s", local, settings.service)
+            ack = _shake_from(sock, shake, target, deadline, cancel, health)
+            if ack is not None:
+                return ack, local
     stage = "no answer to any hello" if shake.nonce is None else "challenge answered but no ACK"
     raise WaitTimeout(
         "handshake",
@@ -129,6 +125,41 @@ def _handshake(
         f"{stage} from {settings.service} (sent {shake.counter} datagrams)",
         "check that the Service forwards UDP to the agent, the key matches, and --peer/--svctunnel-peer is right",
     )
+
+
+def _stopped(deadline: Deadline, cancel: threading.Event | None) -> bool:
+    return deadline.expired() or (cancel is not None and cancel.is_set())
+
+
+def _shake_from(
+    sock: socket.socket,
+    shake: Handshake,
+    target: tuple[str, int],
+    deadline: Deadline,
+    cancel: threading.Event | None,
+    health: Callable[[], None] | None,
+) -> Ack | None:
+    """Hellos from one port: the ACK, or None once FRESH_PORT_AFTER went unanswered or time is up."""
+    unanswered = 0
+    while not _stopped(deadline, cancel) and (shake.nonce is not None or unanswered < FRESH_PORT_AFTER):
+        if health is not None:
+            health()
+        sock.sendto(shake.next_datagram(), target)
+        unanswered += 1
+        resend_at = time.monotonic() + RETRANSMIT_S
+        while (left := min(resend_at, deadline.expires_at) - time.monotonic()) > 0:
+            sock.settimeout(left)
+            try:
+                data = sock.recv(4096)
+            except (TimeoutError, ConnectionRefusedError):
+                continue
+            challenged = shake.nonce is not None
+            ack = shake.receive(data)
+            if ack is not None:
+                return ack
+            if shake.nonce is not None and not challenged:
+                break  # answer the challenge now rather than at the next retransmit
+    return None
 
 
 @dataclass
@@ -155,8 +186,11 @@ class ExternalEnd:
     over to that port. ``close`` is safe to call twice.
     """
 
-    def __init__(self, settings: ConnectSettings, stopwatch: Stopwatch | None = None) -> None:
+    def __init__(
+        self, settings: ConnectSettings, stopwatch: Stopwatch | None = None, health: Callable[[], None] | None = None
+    ) -> None:
         self.settings = settings
+        self.health = health  # raises when the pod end is gone for good (a crash loop, say)
         self.stopwatch = stopwatch or Stopwatch()
         self.status = EndStatus()
         self._stack = ExitStack()
@@ -198,7 +232,7 @@ class ExternalEnd:
         """Handshake from a fresh port, then (re)build the devices on that port and check traffic."""
         s, hello = self.settings, self._hello
         assert hello is not None
-        ack, local = _handshake(s, route, hello, self._stop)
+        ack, local = _handshake(s, route, hello, self._stop, self.health)
         stopwatch.lap("handshake")
         mtu = min(hello.mtu, ack.mtu)
         nets = tuple(n.with_mtu(mtu) for n in s.networks)

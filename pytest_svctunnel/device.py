@@ -221,6 +221,21 @@ def _kernel(action: Any, what: str) -> Any:
         raise KernelError(f"{what}: {exc.args[1] if len(exc.args) > 1 else exc}") from None
 
 
+def join_bridge(netns: str | None, name: str, bridge: str) -> None:
+    """Make the device a port of the Linux bridge ``bridge`` (node mode, for a Multus bridge network)."""
+    with netlink(netns) as ipr:
+        master = _index(ipr, bridge)
+        if master is None or link_kind(ipr.link("get", index=master)[0]) != "bridge":
+            raise KernelError(
+                f"no Linux bridge {bridge} in {netns or 'this namespace'}: create it on the node"
+                f" (ip link add {bridge} type bridge) or leave out --svctunnel-bridge"
+            )
+        index = _index(ipr, name)
+        if index is None:
+            raise KernelError(f"{name} vanished before it could join bridge {bridge}")
+        _kernel(lambda: ipr.link("set", index=index, master=master), f"adding {name} to bridge {bridge}")
+
+
 def set_peer(netns: str | None, name: str, peer: Endpoint | None) -> None:
     """Point the device's default forwarding entry at ``peer``, or withdraw it (None).
 

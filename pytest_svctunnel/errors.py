@@ -43,3 +43,12 @@ class WaitTimeout(SvcTunnelError):
         if hint:
             text += f"; {hint}"
         super().__init__(text)
+
+
+class KubeError(SvcTunnelError):
+    """A Kubernetes API call failed (``status`` is its HTTP status), or the cluster cannot run
+    the pod end as asked."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status

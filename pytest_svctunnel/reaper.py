@@ -14,7 +14,7 @@ listed. Running it twice is harmless; what is already gone counts as removed.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from . import device, netns, pids
@@ -22,7 +22,7 @@ from .errors import PrivilegeError, SvcTunnelError
 from .lab import NETNS_DIR, namespace_name, remove_run_objects
 from .privileges import require_net_admin
 from .process import AgentProcess
-from .runs import Liveness, Run, all_runs, state_root
+from .runs import KUBE_FILE, Liveness, Run, all_runs, state_root
 from .shield import shield
 from .waiting import Deadline
 
@@ -39,6 +39,7 @@ class Leftovers:
     namespaces: tuple[str, ...]
     links: tuple[str, ...]
     processes: tuple[int, ...]
+    cluster: str = ""  # the Kubernetes objects it recorded (known once they are deleted)
 
     @classmethod
     def of(cls, run: Run) -> Leftovers:
@@ -60,6 +61,8 @@ class Leftovers:
             )
             if items
         ]
+        if self.cluster:
+            parts.append(f"Kubernetes {self.cluster}")
         return "; ".join(parts) if parts else "only its state directory"
 
 
@@ -152,6 +155,11 @@ def reap_run(run: Run, deadline: Deadline) -> Leftovers:
     with shield():
         found = Leftovers.of(run)
         remove_run_objects(run.id, AgentProcess(run, namespace_name(run.id, "pod")), deadline)
+        record = run.read(KUBE_FILE)
+        if record is not None:
+            from .kubebackend import delete_recorded  # the kubernetes client loads only for such runs
+
+            found = replace(found, cluster=delete_recorded(record, deadline))
         run.remove()
     return found
 

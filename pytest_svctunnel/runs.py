@@ -23,6 +23,7 @@ STATE_ENV = "SVCTUNNEL_STATE_DIR"
 _DEFAULT_ROOT = "/run/svctunnel"
 _JOURNAL = "runs.journal"
 OWNER_FILE = "owner.json"
+KUBE_FILE = "kube.json"  # the cluster objects of a kubernetes backend run, for reaping
 # a state directory without an owner record is being created, unless it has not changed for this long
 OWNERLESS_GRACE_S = 60.0
 

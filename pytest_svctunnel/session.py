@@ -20,6 +20,7 @@ from typing import Protocol
 from . import diagnostics, keys
 from .config import TunnelConfig
 from .connector import Connection, ConnectSettings, ExternalEnd
+from .errors import LabError
 from .lab import Lab
 from .networks import DEFAULT_NAME, Network
 from .privileges import require_net_admin
@@ -85,6 +86,9 @@ class Backend(Protocol):
 
     def teardown(self, deadline: Deadline) -> None: ...
 
+    def check(self) -> None:
+        """Raise if the pod end can no longer answer (it exited, or keeps crashing)."""
+
     def diagnostics(self) -> list[tuple[str, str]]: ...
 
     def describe_kept(self) -> str: ...
@@ -105,6 +109,10 @@ class LabBackend:
 
     def teardown(self, deadline: Deadline) -> None:
         self.lab.down(timeout=max(deadline.remaining(), 1.0))
+
+    def check(self) -> None:
+        if not self.lab.agent.alive():
+            raise LabError(f"the agent in the lab's pod exited; its log ends:\n{self.lab.log_tail(20)}")
 
     def diagnostics(self) -> list[tuple[str, str]]:
         _ask_for_status(self.lab.agent.pid, self.lab.log_text)
@@ -136,7 +144,11 @@ def _ask_for_status(pid: int | None, log_text: Callable[[], str]) -> None:
 
 
 def make_backend(config: TunnelConfig, run: Run) -> Backend:
-    return LabBackend(run, config.port)
+    if config.backend == "lab":
+        return LabBackend(run, config.port)
+    from .kubebackend import KubernetesBackend  # the kubernetes client loads only for this backend
+
+    return KubernetesBackend(run, config)
 
 
 class TunnelSession:
@@ -194,7 +206,7 @@ class TunnelSession:
             self.config.keepalive,
             self.config.misses,
         )
-        end = self._end = ExternalEnd(settings, self.stopwatch)
+        end = self._end = ExternalEnd(settings, self.stopwatch, backend.check)
         self._stack.callback(end.close)
         conn: Connection = end.open()
         self.tunnel = Tunnel(MappingProxyType({n.name: n for n in conn.networks}), service, conn.peer, self.run_id)

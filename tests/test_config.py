@@ -12,13 +12,31 @@ from hypothesis import strategies as st
 from pytest_svctunnel.config import OPTION_BY_KEY, OPTIONS, TunnelConfig, resolve
 from pytest_svctunnel.errors import ConfigError
 
-KEYS = ("backend", "peer", "port", "vni", "timeout", "keep", "underlay_dev", "keepalive", "misses", "reap")
+KEYS = (
+    "backend",
+    "peer",
+    "port",
+    "vni",
+    "timeout",
+    "keep",
+    "underlay_dev",
+    "keepalive",
+    "misses",
+    "reap",
+    "kubeconfig",
+    "context",
+    "namespace",
+    "image",
+    "service_type",
+    "node",
+    "bridge",
+)
 ENV = {k: "SVCTUNNEL_" + k.upper() for k in KEYS}
 FLAG = {k: "--svctunnel-" + k.replace("_", "-") for k in KEYS}
 INI = {k: "svctunnel_" + k for k in KEYS}
 
 DEFAULTS: dict[str, Any] = {
-    "backend": "lab",
+    "backend": "kubernetes",
     "peer": None,
     "port": 5533,
     "vni": 333,
@@ -28,11 +46,18 @@ DEFAULTS: dict[str, Any] = {
     "keepalive": 5.0,
     "misses": 3,
     "reap": False,
+    "kubeconfig": None,
+    "context": None,
+    "namespace": None,
+    "image": "svctunnel-agent:0.1.0",
+    "service_type": "LoadBalancer",
+    "node": None,
+    "bridge": None,
 }
 
 # key -> ((cli raw, parsed), (env raw, parsed), (ini raw, parsed)); all three differ where the option allows it.
 LAYERS: dict[str, tuple[tuple[str, Any], tuple[str, Any], tuple[str, Any]]] = {
-    "backend": (("lab", "lab"), ("lab", "lab"), ("lab", "lab")),
+    "backend": (("lab", "lab"), ("kubernetes", "kubernetes"), ("lab", "lab")),
     "peer": (
         ("192.0.2.1", ipaddress.IPv4Address("192.0.2.1")),
         ("2001:db8::2", ipaddress.IPv6Address("2001:db8::2")),
@@ -46,7 +71,17 @@ LAYERS: dict[str, tuple[tuple[str, Any], tuple[str, Any], tuple[str, Any]]] = {
     "keepalive": (("0.5", 0.5), ("2", 2.0), ("30", 30.0)),
     "misses": (("1", 1), ("5", 5), ("100", 100)),
     "reap": (("true", True), ("0", False), ("yes", True)),
+    "kubeconfig": (("/a/config", "/a/config"), ("b.yaml", "b.yaml"), ("~/c", "~/c")),
+    "context": (("kind-kind", "kind-kind"), ("prod", "prod"), ("ctx3", "ctx3")),
+    "namespace": (("tests", "tests"), ("ci-42", "ci-42"), ("a", "a")),
+    "image": (("reg.example/agent:1", "reg.example/agent:1"), ("agent:2", "agent:2"), ("x@sha256:0", "x@sha256:0")),
+    "service_type": (("NodePort", "NodePort"), ("LoadBalancer", "LoadBalancer"), ("NodePort", "NodePort")),
+    "node": (("kind-worker", "kind-worker"), ("node-2.example", "node-2.example"), ("n3", "n3")),
+    "bridge": (("br0", "br0"), ("multus-br", "multus-br"), ("br.100", "br.100")),
 }
+
+# settings that only make sense with another one: the other is set on the command line too
+COMPANIONS: dict[str, dict[str, str]] = {"bridge": {"node": "kind-worker"}}
 
 SCENARIOS = {
     "cli-env-ini": (("cli", "env", "ini"), "cli"),
@@ -66,6 +101,8 @@ def layers_for(
     cli: dict[str, str | None] = {k: None for k in KEYS}
     env: dict[str, str] = {"PATH": "/usr/bin", "HOME": "/root"}
     ini: dict[str, str | None] = {k: None for k in KEYS}
+    if present:
+        cli.update(COMPANIONS.get(key, {}))
     if "cli" in present:
         cli[key] = cli_v[0]
     if "env" in present:
@@ -85,7 +122,7 @@ def test_precedence(key: str, present: tuple[str, ...], winner: str) -> None:
     assert type(getattr(config, key)) is type(expected)
     assert config.sources[key] == winner
     for other in KEYS:
-        if other != key:
+        if other != key and other not in COMPANIONS.get(key, {}):
             assert config.sources[other] == "default"
             assert getattr(config, other) == DEFAULTS[other]
 
@@ -131,7 +168,7 @@ def test_describe() -> None:
     config = resolve({"port": "6000"}, {ENV["peer"]: "192.0.2.7"}, {"keep": "on-failure"})
     lines = config.describe()
     assert lines == [
-        "backend=lab (default)",
+        "backend=kubernetes (default)",
         "peer=192.0.2.7 (env)",
         "port=6000 (cli)",
         "vni=333 (default)",
@@ -141,6 +178,13 @@ def test_describe() -> None:
         "keepalive=5.0 (default)",
         "misses=3 (default)",
         "reap=False (default)",
+        "kubeconfig=None (default)",
+        "context=None (default)",
+        "namespace=None (default)",
+        "image=svctunnel-agent:0.1.0 (default)",
+        "service_type=LoadBalancer (default)",
+        "node=None (default)",
+        "bridge=None (default)",
     ]
 
 
@@ -171,8 +215,8 @@ INVALID: dict[str, tuple[str, str, str]] = {
     "timeout-nan": ("timeout", "nan", "outside (0, 3600]"),
     "timeout-word": ("timeout", "soon", "is not a number"),
     "keep-sometimes": ("keep", "sometimes", "choose one of never, on-failure, always"),
-    "backend-docker": ("backend", "docker", "choose one of lab, kubernetes"),
-    "backend-upper-case": ("backend", "LAB", "choose one of lab, kubernetes"),
+    "backend-docker": ("backend", "docker", "choose one of kubernetes, lab"),
+    "backend-upper-case": ("backend", "LAB", "choose one of kubernetes, lab"),
     "peer-not-an-ip": ("peer", "not-an-ip", "does not appear to be an IPv4 or IPv6 address"),
     "peer-cidr": ("peer", "10.0.0.0/8", "does not appear to be"),
     "keepalive-0": ("keepalive", "0", "outside (0, 3600]"),
@@ -181,6 +225,14 @@ INVALID: dict[str, tuple[str, str, str]] = {
     "misses-101": ("misses", "101", "outside 1..100"),
     "misses-float": ("misses", "2.5", "is not a whole number"),
     "reap-maybe": ("reap", "maybe", "is not true or false"),
+    "service-type-cluster-ip": ("service_type", "ClusterIP", "choose one of LoadBalancer, NodePort"),
+    "service-type-lower-case": ("service_type", "nodeport", "choose one of LoadBalancer, NodePort"),
+    "namespace-upper-case": ("namespace", "Tests", "not a Kubernetes namespace name"),
+    "namespace-dot": ("namespace", "a.b", "not a Kubernetes namespace name"),
+    "namespace-64": ("namespace", "a" * 64, "not a Kubernetes namespace name"),
+    "node-underscore": ("node", "kind_worker", "not a Kubernetes node name"),
+    "bridge-16": ("bridge", "b" * 16, "not a Linux interface name"),
+    "bridge-slash": ("bridge", "br/0", "not a Linux interface name"),
 }
 
 
@@ -213,21 +265,16 @@ def test_empty_underlay_dev_on_the_command_line() -> None:
 
 
 @pytest.mark.parametrize("layer", ["cli", "env", "ini"])
-def test_kubernetes_backend_points_to_the_lab(layer: str) -> None:
-    cli: dict[str, str | None] = {"backend": "kubernetes"} if layer == "cli" else {}
-    env = {ENV["backend"]: "kubernetes"} if layer == "env" else {}
-    ini: dict[str, str | None] = {"backend": "kubernetes"} if layer == "ini" else {}
+def test_bridge_needs_node_mode(layer: str) -> None:
+    cli: dict[str, str | None] = {"bridge": "br0"} if layer == "cli" else {}
+    env = {ENV["bridge"]: "br0"} if layer == "env" else {}
+    ini: dict[str, str | None] = {"bridge": "br0"} if layer == "ini" else {}
     with pytest.raises(ConfigError) as info:
         resolve(cli, env, ini)
     text = str(info.value)
-    assert "kubernetes" in text
-    assert "not available" in text
-    assert "--svctunnel-backend lab" in text
-
-
-def test_kubernetes_below_a_lab_setting_is_fine() -> None:
-    config = resolve({"backend": "lab"}, {ENV["backend"]: "kubernetes"}, {"backend": "kubernetes"})
-    assert (config.backend, config.sources["backend"]) == ("lab", "cli")
+    assert "--svctunnel-node NAME" in text
+    assert {"cli": FLAG, "env": ENV, "ini": {k: "ini " + v for k, v in INI.items()}}[layer]["bridge"] in text
+    assert resolve({**cli, "node": "kind-worker"}, env, ini).bridge == "br0"
 
 
 @given(st.integers(-(10**6), 10**6))
@@ -261,6 +308,9 @@ def test_property_first_present_layer_wins(present: dict[str, set[str]]) -> None
             env[ENV[key]] = env_v[0]
         if "ini" in layers:
             ini[key] = ini_v[0]
+    if present["bridge"] and not present["node"]:
+        present["node"] = {"ini"}  # a bridge needs node mode (tested on its own)
+        ini["node"] = LAYERS["node"][2][0]
     config = resolve(cli, env, ini)
     for key, layers in present.items():
         winner = next((layer for layer in ("cli", "env", "ini") if layer in layers), "default")

@@ -1,34 +1,138 @@
-"""The hand-applicable manifest: parses, least privilege, the Service shape the tunnel needs."""
+"""The manifests: hand-applicable YAML, least privilege, the Service shape the tunnel needs,
+and the objects the kubernetes backend renders from them for each session mode."""
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
-MANIFEST = Path(__file__).parent.parent / "manifests" / "svctunnel.yaml"
+from pytest_svctunnel import render
+
+MANIFESTS = Path(__file__).parent.parent / "manifests"
+KEY = "ab" * 32
 
 
-def _docs() -> dict[str, Any]:
-    return {doc["kind"]: doc for doc in yaml.safe_load_all(MANIFEST.read_text())}
+def _hand_docs() -> dict[str, Any]:
+    text = (MANIFESTS / "svctunnel.yaml").read_text()
+    return {doc["kind"]: doc for doc in yaml.safe_load_all(text)}
 
 
-def test_manifest_has_secret_deployment_and_service() -> None:
-    assert set(_docs()) == {"Secret", "Deployment", "Service"}
+def _end(**changes: Any) -> render.PodEnd:
+    values: dict[str, Any] = {
+        "name": "svctunnel-abc123",
+        "run_id": "abc123",
+        "key_hex": KEY,
+        "image": "svctunnel-agent:0.1.0",
+        "port": 5533,
+    }
+    values.update(changes)
+    return render.PodEnd(**values)
+
+
+def _pod_spec(objects: dict[str, Any]) -> dict[str, Any]:
+    spec: dict[str, Any] = objects["Deployment"]["spec"]["template"]["spec"]
+    return spec
+
+
+def _env(objects: dict[str, Any]) -> dict[str, Any]:
+    (container,) = _pod_spec(objects)["containers"]
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}
+
+
+def test_hand_manifest_parses_and_documents_every_placeholder() -> None:
+    text = (MANIFESTS / "svctunnel.yaml").read_text()
+    assert set(_hand_docs()) == {"Secret", "Deployment", "Service"}
+    used = set(re.findall(r"__[A-Z]+__", text.split("apiVersion", 1)[1]))
+    header = text.split("apiVersion", 1)[0]
+    assert used == {"__NAME__", "__RUN__", "__KEY__", "__IMAGE__", "__PORT__"}
+    assert all(f"#   {name}" in header for name in used), header
+
+
+def test_the_package_ships_the_manifests_directory() -> None:
+    for path in MANIFESTS.glob("*.yaml"):
+        assert render.template(path.name) == path.read_text()
 
 
 def test_agent_runs_with_net_admin_and_net_raw_only() -> None:
-    (container,) = _docs()["Deployment"]["spec"]["template"]["spec"]["containers"]
+    objects = render.pod_end(_end())
+    (container,) = _pod_spec(objects)["containers"]
     security = container["securityContext"]
-    assert security.get("privileged") is not True
-    assert sorted(security["capabilities"]["add"]) == ["NET_ADMIN", "NET_RAW"]
-    assert container["args"] == ["agent"]
+    assert security["privileged"] is False and security["allowPrivilegeEscalation"] is False
+    assert security["capabilities"] == {"drop": ["ALL"], "add": ["NET_ADMIN", "NET_RAW"]}
+    assert container["command"] == ["svctunnel", "agent"]
+    assert _pod_spec(objects)["automountServiceAccountToken"] is False
+
+
+def test_key_reaches_the_agent_from_the_secret_only() -> None:
+    objects = render.pod_end(_end())
+    assert objects["Secret"]["stringData"] == {"key": KEY}
+    assert _env(objects)["SVCTUNNEL_KEY"] == {"secretKeyRef": {"name": "svctunnel-abc123", "key": "key"}}
+    assert KEY not in yaml.safe_dump(objects["Deployment"])
+
+
+def test_readiness_follows_the_agents_ready_file() -> None:
+    objects = render.pod_end(_end())
+    (container,) = _pod_spec(objects)["containers"]
+    ready_file = _env(objects)["SVCTUNNEL_READY_FILE"]
+    assert container["readinessProbe"]["exec"]["command"] == ["test", "-e", ready_file]
 
 
 def test_service_keeps_the_source_address_and_publishes_unready_pods() -> None:
-    spec = _docs()["Service"]["spec"]
+    spec = render.pod_end(_end(port=6000))["Service"]["spec"]
+    assert spec["type"] == "LoadBalancer"
     assert spec["externalTrafficPolicy"] == "Local"
     assert spec["publishNotReadyAddresses"] is True
+    assert "loadBalancerSourceRanges" not in spec
     (port,) = spec["ports"]
-    assert port["protocol"] == "UDP" and port["port"] == port["targetPort"] == 5533
+    assert port == {"name": "tunnel", "port": 6000, "targetPort": 6000, "protocol": "UDP"}
+
+
+def test_every_object_carries_the_run_label() -> None:
+    objects = render.pod_end(_end())
+    for obj in objects.values():
+        assert obj["metadata"]["labels"][render.RUN_LABEL] == "abc123"
+    assert _pod_spec(objects) is not None
+    template_labels = objects["Deployment"]["spec"]["template"]["metadata"]["labels"]
+    assert template_labels[render.RUN_LABEL] == "abc123"
+    assert render.namespace("svctunnel-abc123", "abc123")["metadata"]["labels"][render.RUN_LABEL] == "abc123"
+
+
+@pytest.mark.parametrize("peer", ["192.0.2.7", "2001:db8::7"])
+def test_peer_limits_the_load_balancer_and_the_agent(peer: str) -> None:
+    address = ipaddress.ip_address(peer)
+    objects = render.pod_end(_end(peer=address))
+    assert objects["Service"]["spec"]["loadBalancerSourceRanges"] == [f"{peer}/{address.max_prefixlen}"]
+    assert _env(objects)["SVCTUNNEL_PEER"] == peer
+
+
+def test_node_port_mode() -> None:
+    objects = render.pod_end(_end(service_type="NodePort", peer=ipaddress.ip_address("192.0.2.7")))
+    spec = objects["Service"]["spec"]
+    assert spec["type"] == "NodePort"
+    assert "loadBalancerSourceRanges" not in spec  # only meaningful for load balancers
+    assert spec["externalTrafficPolicy"] == "Local"
+
+
+def test_node_mode_pins_a_host_network_pod_and_joins_the_bridge() -> None:
+    objects = render.pod_end(_end(node="kind-worker", bridge="br-multus"))
+    spec = _pod_spec(objects)
+    assert spec["hostNetwork"] is True
+    assert spec["nodeSelector"] == {"kubernetes.io/hostname": "kind-worker"}
+    assert _env(objects)["SVCTUNNEL_BRIDGE"] == "br-multus"
+    (container,) = spec["containers"]
+    assert container["securityContext"]["capabilities"]["add"] == ["NET_ADMIN", "NET_RAW"]
+
+
+def test_pod_mode_has_no_node_settings() -> None:
+    spec = _pod_spec(render.pod_end(_end()))
+    assert not {"hostNetwork", "nodeSelector", "tolerations"} & set(spec)
+
+
+def test_a_placeholder_without_a_value_is_an_error() -> None:
+    with pytest.raises(KeyError, match="__IMAGE__"):
+        render.fill("image: __IMAGE__\n", {"NAME": "x"})

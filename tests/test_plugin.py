@@ -24,7 +24,25 @@ import pytest
 from pytest_svctunnel.runs import state_root
 
 USAGE_ERROR = pytest.ExitCode.USAGE_ERROR
-OPTION_KEYS = ("backend", "peer", "port", "vni", "timeout", "keep", "underlay_dev", "keepalive", "misses", "reap")
+OPTION_KEYS = (
+    "backend",
+    "peer",
+    "port",
+    "vni",
+    "timeout",
+    "keep",
+    "underlay_dev",
+    "keepalive",
+    "misses",
+    "reap",
+    "kubeconfig",
+    "context",
+    "namespace",
+    "image",
+    "service_type",
+    "node",
+    "bridge",
+)
 FLAGS = tuple("--svctunnel-" + key.replace("_", "-") for key in OPTION_KEYS)
 ROLES = ("home", "wan", "node", "pod")
 INNER_TIMEOUT_S = 180
@@ -263,7 +281,7 @@ def test_header_shows_defaults(pytester: pytest.Pytester) -> None:
     assert result.ret == pytest.ExitCode.OK
     _, items = header(result)
     assert {key: source for key, (_, source) in items.items()} == dict.fromkeys(OPTION_KEYS, "default")
-    assert items["backend"][0] == "lab"
+    assert items["backend"][0] == "kubernetes"
     assert items["port"][0] == "5533"
     assert items["vni"][0] == "333"
     assert items["keep"][0] == "never"
@@ -288,7 +306,7 @@ def test_precedence_cli_over_env_over_ini(pytester: pytest.Pytester, monkeypatch
     assert items["vni"] == ("701", "env")  # env and ini set
     assert float(items["timeout"][0]) == 11 and items["timeout"][1] == "cli"  # cli and ini set
     assert items["keep"] == ("always", "ini")  # only ini set
-    assert items["backend"] == ("lab", "default")
+    assert items["backend"] == ("kubernetes", "default")
 
 
 # -- 2. invalid settings ----------------------------------------------------------
@@ -302,9 +320,20 @@ def test_precedence_cli_over_env_over_ini(pytester: pytest.Pytester, monkeypatch
         (["--svctunnel-vni", "99999999"], {}, ["--svctunnel-vni", "'99999999'"]),
         ([], {"SVCTUNNEL_TIMEOUT": "abc"}, ["SVCTUNNEL_TIMEOUT", "'abc'"]),
         ([], {"SVCTUNNEL_PEER": "not-an-address"}, ["SVCTUNNEL_PEER", "'not-an-address'"]),
-        (["--svctunnel-backend", "kubernetes"], {}, ["kubernetes", "lab"]),
+        (["--svctunnel-backend", "docker"], {}, ["--svctunnel-backend", "kubernetes, lab"]),
+        (["--svctunnel-bridge", "br0"], {}, ["--svctunnel-bridge", "--svctunnel-node NAME"]),
+        ([], {"SVCTUNNEL_SERVICE_TYPE": "ClusterIP"}, ["SVCTUNNEL_SERVICE_TYPE", "LoadBalancer, NodePort"]),
     ],
-    ids=["port-0", "keep-sometimes", "vni-too-big", "env-timeout-abc", "env-peer", "backend-kubernetes"],
+    ids=[
+        "port-0",
+        "keep-sometimes",
+        "vni-too-big",
+        "env-timeout-abc",
+        "env-peer",
+        "backend-docker",
+        "bridge-without-node",
+        "env-service-type",
+    ],
 )
 def test_invalid_setting_is_usage_error(
     pytester: pytest.Pytester,
@@ -338,10 +367,10 @@ def test_invalid_ini_value_names_the_ini_key(pytester: pytest.Pytester) -> None:
     ("env", "args"),
     [
         ({"SVCTUNNEL_TIMEOUT": "abc"}, []),
-        ({"SVCTUNNEL_BACKEND": "kubernetes"}, []),
+        ({"SVCTUNNEL_BACKEND": "docker"}, []),
         ({}, ["--svctunnel-keep", "sometimes"]),
     ],
-    ids=["env-timeout-abc", "env-backend-kubernetes", "cli-keep-sometimes"],
+    ids=["env-timeout-abc", "env-backend-docker", "cli-keep-sometimes"],
 )
 def test_help_and_markers_work_with_invalid_settings(
     pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, env: dict[str, str], args: list[str]

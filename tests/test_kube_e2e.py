@@ -1,0 +1,226 @@
+"""The kubernetes backend end to end, on a real control plane.
+
+etcd, kube-apiserver, kube-controller-manager and kube-proxy are the real programs, built
+from the Go module proxy by ``.ci/build-kube`` at a pinned release. kube-proxy runs in the
+lab's node namespace, so the tunnel crosses the rules kube-proxy itself programs. The test
+harness plays only the roles that need a cloud or a container runtime: the load-balancer
+controller and a minimal kubelet that runs the agent pod's command in a pod namespace.
+
+The example suite runs through pytester as a separate pytest process with the plugin's
+defaults (the kubernetes backend), in LoadBalancer and NodePort mode; another inner suite
+deletes the agent pod and waits for the tunnel to heal. After each inner session, nothing
+of its run may remain: no object with its label, no namespace, link or process.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kubernetes import client
+
+from pytest_svctunnel import device, netns
+from pytest_svctunnel.config import DEFAULT_IMAGE
+from pytest_svctunnel.render import RUN_LABEL
+from pytest_svctunnel.runs import Run
+from pytest_svctunnel.waiting import Deadline
+
+from .kubelab.controlplane import ControlPlane
+from .kubelab.kubelet import MiniKubelet
+from .kubelab.loadbalancer import LoadBalancerController
+from .kubelab.topology import ClusterNetwork
+
+pytestmark = pytest.mark.root
+
+ROOT = Path(__file__).parent.parent
+EXAMPLE = ROOT / "examples" / "test_multinet.py"
+INNER_TIMEOUT_S = 240.0
+_HEADER = re.compile(r"^svctunnel: run (?P<run>[0-9a-f]{6});", re.MULTILINE)
+_READY = re.compile(r"^svctunnel: tunnel ready in .*$", re.MULTILINE)
+
+RESTART_SUITE = """
+import os
+import subprocess
+import time
+
+from kubernetes import client, config
+
+
+def ping(address, dev):
+    done = subprocess.run(["ping", "-c", "1", "-W", "1", "-I", dev, str(address)], capture_output=True)
+    return done.returncode == 0
+
+
+def test_agent_pod_restart_heals_the_tunnel(svctunnel):
+    core = client.CoreV1Api(config.new_client_from_config(config_file=os.environ["SVCTUNNEL_KUBECONFIG"]))
+    selector = f"svctunnel.dev/run={svctunnel.run_id}"
+    (old,) = core.list_pod_for_all_namespaces(label_selector=selector).items
+    assert ping(svctunnel.remote_ipv4.ip, svctunnel.dev)
+    core.delete_namespaced_pod(old.metadata.name, old.metadata.namespace)
+    started = time.monotonic()
+    while time.monotonic() < started + 120:
+        pods = core.list_pod_for_all_namespaces(label_selector=selector).items
+        replaced = [p for p in pods if p.metadata.uid != old.metadata.uid and p.status.pod_ip]
+        if replaced and all(p.metadata.uid != old.metadata.uid for p in pods):
+            if ping(svctunnel.remote_ipv4.ip, svctunnel.dev) and ping(svctunnel.remote_ipv6.ip, svctunnel.dev):
+                print(f"healed {time.monotonic() - started:.2f} s after the pod was deleted;"
+                      f" new pod {replaced[0].metadata.name} at {replaced[0].status.pod_ip}")
+                return
+        time.sleep(0.2)
+    raise AssertionError("the tunnel did not heal within 120 s of the pod's deletion")
+"""
+
+
+@dataclass
+class TestCluster:
+    """A running control plane with one node in the lab's node namespace."""
+
+    __test__ = False
+    kubeconfig: Path
+    api: Any
+    network: ClusterNetwork
+    node_name: str
+    kubelet: MiniKubelet
+
+
+def control_plane_binaries() -> Path:
+    """Where ``.ci/build-kube`` keeps the binaries (it builds them when missing)."""
+    done = subprocess.run(["bash", str(ROOT / ".ci" / "build-kube")], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, f".ci/build-kube failed:\n{done.stderr[-3000:]}"
+    return Path(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestCluster]:
+    work = tmp_path_factory.mktemp("cluster")
+    with ExitStack() as stack:
+        run = Run.new()
+        stack.callback(run.remove)
+        network = ClusterNetwork(run)
+        stack.callback(network.down, Deadline.after(60))
+        network.up()
+        plane = ControlPlane(control_plane_binaries(), work / "control-plane")
+        stack.callback(plane.stop)
+        plane.start(timeout=120)
+        plan = network.plan
+        node_name = f"svt-{run.id}-node"
+        plane.create_node(node_name, str(plan.node_address), str(plan.pod_cidr_v4))
+        plane.start_kube_proxy(plan.node_netns, node_name, str(plan.pod_cidr_v4), timeout=60)
+        api = plane.api_client()
+        stack.callback(api.close)
+        kubelet = MiniKubelet(
+            api,
+            node_name=node_name,
+            node_netns=plan.node_netns,
+            pod_prefix=plan.pod_prefix,
+            pod_cidr_v4=plan.pod_cidr_v4,
+            pod_cidr_v6=plan.pod_cidr_v6,
+            work_dir=work / "kubelet",
+            images={DEFAULT_IMAGE},
+        )
+        kubelet.start()
+        stack.callback(kubelet.stop, 30)
+        balancer = LoadBalancerController(api, plan.lb_pool)
+        balancer.start()
+        stack.callback(balancer.stop, 10)
+        yield TestCluster(plane.kubeconfig, api, network, node_name, kubelet)
+
+
+def run_inner(pytester: pytest.Pytester, cluster: TestCluster, *args: str) -> tuple[pytest.RunResult, str]:
+    """An inner pytest session with the plugin's defaults against the cluster; returns its run id."""
+    os.environ["SVCTUNNEL_KUBECONFIG"] = str(cluster.kubeconfig)
+    try:
+        result = pytester.runpytest_subprocess(
+            "-p", "no:cacheprovider", "-p", "no:hypothesispytest", "-rA", "-s",
+            "--svctunnel-keepalive", "1", *args,
+            timeout=INNER_TIMEOUT_S,
+        )  # fmt: skip
+    finally:
+        del os.environ["SVCTUNNEL_KUBECONFIG"]
+    output = result.stdout.str()
+    match = _HEADER.search(output)
+    assert match is not None, output
+    return result, match["run"]
+
+
+def labelled(api: Any, run_id: str) -> list[str]:
+    """Every object of the run's label that the API server still has."""
+    core, apps = client.CoreV1Api(api), client.AppsV1Api(api)
+    selector = f"{RUN_LABEL}={run_id}"
+    found = [f"namespace {n.metadata.name}" for n in core.list_namespace(label_selector=selector).items]
+    for kind, lister in (
+        ("deployment", apps.list_deployment_for_all_namespaces),
+        ("replicaset", apps.list_replica_set_for_all_namespaces),
+        ("pod", core.list_pod_for_all_namespaces),
+        ("service", core.list_service_for_all_namespaces),
+        ("secret", core.list_secret_for_all_namespaces),
+    ):
+        found += [f"{kind} {o.metadata.namespace}/{o.metadata.name}" for o in lister(label_selector=selector).items]
+    return found
+
+
+def assert_run_left_nothing(cluster: TestCluster, run_id: str, output: str) -> None:
+    assert labelled(cluster.api, run_id) == [], output
+    assert netns.listing(f"svt-{run_id}-") == [], output
+    assert device.links_with_prefix(None, f"svt{run_id}-") == [], output
+    assert netns.listing(cluster.network.plan.pod_prefix) == [], "the kubelet kept a pod namespace"
+    # the kubelet runs the container's command from PATH: bin/svctunnel (the lab runs 'python -m pytest_svctunnel')
+    agents = subprocess.run(["pgrep", "-af", "bin/svctunnel agent"], capture_output=True, text=True).stdout
+    assert agents == "", f"an agent process outlived its pod: {agents}"
+
+
+@pytest.mark.parametrize("service_type", ["LoadBalancer", "NodePort"])
+def test_example_suite_through_kube_proxy(pytester: pytest.Pytester, cluster: TestCluster, service_type: str) -> None:
+    pytester.makepyfile(test_multinet=EXAMPLE.read_text())
+    result, run_id = run_inner(pytester, cluster, "--svctunnel-service-type", service_type)
+    output = result.stdout.str()
+    assert result.ret == pytest.ExitCode.OK, output
+    result.assert_outcomes(passed=5)
+    ready = _READY.search(output)
+    assert ready is not None, output
+    print(f"{service_type}: {ready[0]}")
+    for phase in ("objects created", "pod started", "handshake", "first ping"):
+        assert phase in ready[0]
+    assert_run_left_nothing(cluster, run_id, output)
+
+
+def test_agent_pod_restart_heals(pytester: pytest.Pytester, cluster: TestCluster) -> None:
+    pytester.makepyfile(test_restart=RESTART_SUITE)
+    result, run_id = run_inner(pytester, cluster)
+    output = result.stdout.str()
+    assert result.ret == pytest.ExitCode.OK, output
+    result.stdout.fnmatch_lines(["healed * s after the pod was deleted*"])
+    assert_run_left_nothing(cluster, run_id, output)
+
+
+def test_unknown_image_fails_early_and_leaves_nothing(pytester: pytest.Pytester, cluster: TestCluster) -> None:
+    pytester.makepyfile(test_multinet=EXAMPLE.read_text())
+    started = time.monotonic()
+    result, run_id = run_inner(pytester, cluster, "--svctunnel-image", "registry.invalid/none:1", "-x")
+    output = result.stdout.str()
+    assert result.ret == pytest.ExitCode.TESTS_FAILED, output
+    assert "the image cannot be pulled" in output, output
+    assert "kind load docker-image" in output, output
+    assert time.monotonic() - started < 45, "an image pull error must fail at once, not at the deadline"
+    assert_run_left_nothing(cluster, run_id, output)
+
+
+def test_missing_kubeconfig_names_the_remedy(pytester: pytest.Pytester, tmp_path: Path) -> None:
+    pytester.makepyfile(test_multinet=EXAMPLE.read_text())
+    result = pytester.runpytest_subprocess(
+        "-p", "no:cacheprovider", "--svctunnel-kubeconfig", str(tmp_path / "missing"), "-x",
+        timeout=INNER_TIMEOUT_S,
+    )  # fmt: skip
+    output = result.stdout.str()
+    assert result.ret == pytest.ExitCode.TESTS_FAILED, output
+    assert "--svctunnel-kubeconfig" in output and "--svctunnel-backend lab" in output, output
+    shutil.rmtree(tmp_path, ignore_errors=True)
