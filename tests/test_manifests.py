@@ -10,6 +10,8 @@ from typing import Any
 
 import pytest
 import yaml
+from hypothesis import given
+from hypothesis import strategies as st
 
 from pytest_svctunnel import render
 
@@ -136,3 +138,15 @@ def test_pod_mode_has_no_node_settings() -> None:
 def test_a_placeholder_without_a_value_is_an_error() -> None:
     with pytest.raises(KeyError, match="__IMAGE__"):
         render.fill("image: __IMAGE__\n", {"NAME": "x"})
+
+
+@given(
+    run_id=st.text("0123456789abcdef", min_size=6, max_size=6),
+    key=st.text("0123456789abcdef", min_size=64, max_size=64),
+)
+def test_values_stay_strings_whatever_their_digits(run_id: str, key: str) -> None:
+    """A run id or key of digits only must not turn into a YAML number (the API rejects it)."""
+    objects = render.pod_end(_end(run_id=run_id, key_hex=key, name=f"svctunnel-{run_id}"))
+    assert objects["Secret"]["stringData"]["key"] == key
+    for obj in [*objects.values(), render.namespace(f"svctunnel-{run_id}", run_id)]:
+        assert obj["metadata"]["labels"][render.RUN_LABEL] == run_id
