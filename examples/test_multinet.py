@@ -1,6 +1,7 @@
 """A small multi-network suite: the default network plus two extra ones from marks.
 
-Run it on the built-in lab (as root):  pytest examples --svctunnel-backend lab
+Run it (as root) on the built-in lab:  pytest examples --svctunnel-backend lab
+or on the cluster of your kubeconfig:  pytest examples
 """
 
 import subprocess

@@ -9,6 +9,7 @@ challenge, and its nftables filter keeps the port closed to everyone else.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import os
 import secrets
@@ -57,6 +58,10 @@ class AgentSettings:
     max_skew_s: float = DEFAULT_MAX_SKEW_S
     ready_file: Path | None = None  # exists while the tunnel is up (a readiness probe tests it)
     bridge: str | None = None  # every network's device joins this Linux bridge
+    # the address hellos are DNATed to (the pod IP; the node's, with hostNetwork), for replies
+    # to hellos seen before the node's DNAT, addressed to the Service
+    local_address: IPAddress | None = None
+    host_network: bool = False  # runs in the node's own namespace (node mode)
 
 
 @dataclass
@@ -103,7 +108,7 @@ class Agent:
 
     def serve(self, stop: Callable[[], bool]) -> None:
         """Filter the port, listen for hellos, and remove everything built on the way out."""
-        nft.apply(nft.pod_filter(self.settings.port, None))
+        nft.apply(nft.pod_filter(self.settings.port, None, self.settings.host_network))
         try:
             with HelloTap(self.settings.port, self.settings.underlay_dev) as tap:
                 log.info("listening on UDP port %d (%s)", self.settings.port, self._pin_text())
@@ -158,6 +163,7 @@ class Agent:
 
     def handle(self, datagram: UdpDatagram) -> None:
         """Process one datagram from the hello tap; invalid ones are counted, never answered."""
+        datagram = self._as_delivered(datagram)
         try:
             message = self._authenticate(datagram)
             if isinstance(message.body, Hello):
@@ -168,6 +174,16 @@ class Agent:
                 raise ProtocolError(Reject.UNSOLICITED, message.type.name)
         except ProtocolError as exc:
             self._reject(exc, datagram)
+
+    def _as_delivered(self, datagram: UdpDatagram) -> UdpDatagram:
+        """With hostNetwork the tap sees a hello before the node's DNAT, addressed to the Service.
+        Answers and tunnels must use the address it is delivered to, so that conntrack maps them
+        back to the Service's address; that is ``local_address`` when the destination is not ours."""
+        local = self.settings.local_address
+        dst = datagram.destination
+        if local is None or dst.address == local or device.is_local_address(None, dst.address):
+            return datagram
+        return dataclasses.replace(datagram, destination=Endpoint(local, self.settings.port))
 
     def _authenticate(self, datagram: UdpDatagram) -> Message:
         if datagram.destination.port != self.settings.port:
@@ -238,13 +254,18 @@ class Agent:
         log.error("could not build the requested networks: %s", exc)
         self._remove_networks()
         self.status.peer, self.status.mtu, self._committed_nonce = None, 0, None
-        nft.apply(nft.pod_filter(self.settings.port, None))
+        nft.apply(nft.pod_filter(self.settings.port, None, self.settings.host_network))
         self._set_state("waiting", "removed what was built; waiting for a new hello")
 
     def _remove_networks(self) -> None:
         for net in list(self.status.networks.values()):
-            device.delete_vxlan(None, net.dev)
+            self._remove_network(net)
         self.status.networks.clear()
+
+    def _remove_network(self, net: PodNetwork) -> None:
+        device.delete_vxlan(None, net.dev)
+        if self.settings.bridge:  # node mode: the network's addresses live on the node's bridge
+            device.remove_addresses(None, self.settings.bridge, tuple(a for a in (net.ipv4, net.ipv6) if a))
 
     def _ack(self, peer: Endpoint) -> Ack:
         return Ack(peer, self.status.mtu, len(self.status.networks))
@@ -258,17 +279,19 @@ class Agent:
         for net in wanted.values():
             device.check_name_free(None, net.dev)
         for gone in set(self.status.networks) - set(wanted):
-            device.delete_vxlan(None, gone)
-            del self.status.networks[gone]
+            self._remove_network(self.status.networks.pop(gone))
+        bridge = self.settings.bridge
         for net in wanted.values():
             self.status.networks[net.dev] = net  # recorded first, so a half-built device is removed too
             addresses = tuple(a for a in (net.ipv4, net.ipv6) if a is not None)
-            spec = device.VxlanSpec(net.dev, net.vni, self.settings.port, local.address, underlay, mtu, addresses)
+            own = () if bridge else addresses  # a bridge port's own addresses would never answer
+            spec = device.VxlanSpec(net.dev, net.vni, self.settings.port, local.address, underlay, mtu, own)
             device.ensure_vxlan(None, spec)
-            if self.settings.bridge:
-                device.join_bridge(None, net.dev, self.settings.bridge)
+            if bridge:
+                device.join_bridge(None, net.dev, bridge)
+                device.add_addresses(None, bridge, addresses)
             device.set_peer(None, net.dev, peer)
-        nft.apply(nft.pod_filter(self.settings.port, peer))
+        nft.apply(nft.pod_filter(self.settings.port, peer, self.settings.host_network))
         self._dead_after_s = pending.hello.keepalive_ms * pending.hello.misses / 1000
         self._last_heard, self._rx_total = time.monotonic(), self._received()
         moved = self.status.peer is not None and self.status.peer != peer

@@ -137,6 +137,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="a file that exists while the tunnel is up, for a readiness probe [SVCTUNNEL_READY_FILE]",
     )
     agent.add_argument(
+        "--local-address",
+        type=_address,
+        default=_env("SVCTUNNEL_LOCAL_ADDRESS"),
+        help="the pod's address, for hellos seen before the node's DNAT (hostNetwork) [SVCTUNNEL_LOCAL_ADDRESS]",
+    )
+    agent.add_argument(
+        "--host-network",
+        action="store_true",
+        default=bool(_env("SVCTUNNEL_HOST_NETWORK")),
+        help="the agent runs in the node's own network namespace [SVCTUNNEL_HOST_NETWORK]",
+    )
+    agent.add_argument(
         "--bridge",
         type=_dev,
         default=_env("SVCTUNNEL_BRIDGE"),
@@ -211,6 +223,8 @@ def _agent(args: argparse.Namespace) -> int:
         max_skew_s=float(args.max_skew),
         ready_file=Path(args.ready_file) if args.ready_file else None,
         bridge=_dev(args.bridge) if args.bridge else None,
+        local_address=_address(args.local_address) if isinstance(args.local_address, str) else args.local_address,
+        host_network=bool(args.host_network),
     )
     require_net_admin("svctunnel agent")
     return run_agent(settings)

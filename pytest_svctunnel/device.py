@@ -151,14 +151,25 @@ def ensure_vxlan(netns: str | None, spec: VxlanSpec) -> None:
         for address in spec.addresses:
             _ensure_address(ipr, index, address)
         _kernel(lambda: ipr.link("set", index=index, state="up"), f"bringing {spec.name} up")
-        _wait_local(ipr, spec)
+        _wait_local(ipr, spec.name, spec.addresses)
 
 
 RTN_LOCAL = 2
 _ADDRESS_READY_S = 5.0
 
 
-def _wait_local(ipr: Any, spec: VxlanSpec) -> None:
+def is_local_address(netns: str | None, address: IPAddress) -> bool:
+    """Whether ``address`` is one of this namespace's own (routes as local)."""
+    family = socket.AF_INET if address.version == 4 else socket.AF_INET6
+    with netlink(netns) as ipr:
+        try:
+            routes = ipr.route("get", dst=str(address), family=family)
+        except NetlinkError:
+            return False
+    return bool(routes) and routes[0]["type"] == RTN_LOCAL
+
+
+def _wait_local(ipr: Any, name: str, addresses: tuple[IPInterface, ...]) -> None:
     """Wait until each address of the device routes as local.
 
     The kernel installs the local route of an address from a work queue once the link is
@@ -168,7 +179,7 @@ def _wait_local(ipr: Any, spec: VxlanSpec) -> None:
 
     def pending() -> list[str]:
         late = []
-        for address in spec.addresses:
+        for address in addresses:
             family = socket.AF_INET if address.version == 4 else socket.AF_INET6
             routes = ipr.route("get", dst=str(address.ip), family=family)
             if not routes or routes[0]["type"] != RTN_LOCAL:
@@ -177,7 +188,7 @@ def _wait_local(ipr: Any, spec: VxlanSpec) -> None:
 
     wait_for(
         lambda: True if not pending() else None,
-        phase=f"addresses of {spec.name}",
+        phase=f"addresses of {name}",
         deadline=Deadline.after(_ADDRESS_READY_S),
         describe=lambda: f"not yet local: {', '.join(pending())}",
         interval=0.002,
@@ -219,6 +230,29 @@ def _kernel(action: Any, what: str) -> Any:
         return action()
     except NetlinkError as exc:
         raise KernelError(f"{what}: {exc.args[1] if len(exc.args) > 1 else exc}") from None
+
+
+def add_addresses(netns: str | None, name: str, addresses: tuple[IPInterface, ...]) -> None:
+    """Add addresses to an existing link (a bridge, in node mode) and wait until they route as local."""
+    with netlink(netns) as ipr:
+        index = _index(ipr, name)
+        if index is None:
+            raise KernelError(f"no link {name} in {netns or 'this namespace'} to put {len(addresses)} address(es) on")
+        for address in addresses:
+            _ensure_address(ipr, index, address)
+        _wait_local(ipr, name, addresses)
+
+
+def remove_addresses(netns: str | None, name: str, addresses: tuple[IPInterface, ...]) -> None:
+    """Remove addresses from a link; addresses (or a link) already gone are success."""
+    with netlink(netns) as ipr:
+        index = _index(ipr, name)
+        for address in addresses if index is not None else ():
+            try:
+                ipr.addr("del", index=index, address=str(address.ip), prefixlen=address.network.prefixlen)
+            except NetlinkError as exc:
+                if exc.code not in (errno.EADDRNOTAVAIL, errno.ENOENT, errno.ENODEV):
+                    raise KernelError(f"removing address {address} from {name}: {exc}") from None
 
 
 def join_bridge(netns: str | None, name: str, bridge: str) -> None:

@@ -235,15 +235,15 @@ class KubernetesBackend:
         return self._cluster.source if self._cluster else "no cluster"
 
 
-def delete_recorded(record: dict[str, Any], deadline: Deadline) -> str:
-    """Delete a run's cluster objects from what it recorded (for 'svctunnel reap'); says what."""
+def delete_recorded(record: dict[str, Any], deadline: Deadline) -> None:
+    """Delete a run's cluster objects from what it recorded (for 'svctunnel reap')."""
     cluster = kube.connect(record.get("kubeconfig"), record.get("context"))
-    namespace, selector = str(record["namespace"]), str(record["selector"])
     try:
-        delete_run_objects(cluster, namespace, bool(record["owns_namespace"]), selector, deadline)
+        delete_run_objects(
+            cluster, str(record["namespace"]), bool(record["owns_namespace"]), str(record["selector"]), deadline
+        )
     finally:
         cluster.close()
-    return f"namespace {namespace}" if record["owns_namespace"] else f"objects -l {selector} in namespace {namespace}"
 
 
 def delete_run_objects(

@@ -11,7 +11,7 @@ import shutil
 import subprocess
 
 from .errors import KernelError
-from .protocol import Endpoint
+from .protocol import MAGIC, Endpoint
 
 _NFT_TIMEOUT_S = 10.0
 
@@ -53,9 +53,15 @@ def filter_table(port: int) -> str:
     return f"svctunnel_{port}"
 
 
-def pod_filter(port: int, peer: Endpoint | None) -> str:
-    """The agent's input filter for the tunnel port."""
+def pod_filter(port: int, peer: Endpoint | None, pass_handshakes: bool = False) -> str:
+    """The agent's input filter for the tunnel port: only the peer gets through. With
+    ``pass_handshakes`` (hostNetwork: the node's own conntrack must confirm the Service's DNAT of
+    a hello, or the answer leaves un-NATed) datagrams that start with the magic pass too; no
+    socket takes them, only the agent's tap reads them."""
     rules = []
+    if pass_handshakes:
+        magic = int.from_bytes(MAGIC, "big")
+        rules.append(f"    udp dport {port} @th,64,{8 * len(MAGIC)} {magic:#x} accept")
     if peer is not None:
         ip = "ip" if peer.address.version == 4 else "ip6"
         rules.append(f"    udp dport {port} {ip} saddr {peer.address} udp sport {peer.port} accept")

@@ -14,7 +14,7 @@ listed. Running it twice is harmless; what is already gone counts as removed.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import device, netns, pids
@@ -39,7 +39,7 @@ class Leftovers:
     namespaces: tuple[str, ...]
     links: tuple[str, ...]
     processes: tuple[int, ...]
-    cluster: str = ""  # the Kubernetes objects it recorded (known once they are deleted)
+    cluster: str = ""  # the Kubernetes objects it recorded
 
     @classmethod
     def of(cls, run: Run) -> Leftovers:
@@ -49,7 +49,13 @@ class Leftovers:
         found = {ref.pid for ref in pids.in_netns(identities)}
         if agent.alive() and agent.pid is not None:
             found.add(agent.pid)
-        return cls(namespaces, tuple(device.links_with_prefix(None, f"svt{run.id}-")), tuple(sorted(found)))
+        record = run.read(KUBE_FILE)
+        return cls(
+            namespaces,
+            tuple(device.links_with_prefix(None, f"svt{run.id}-")),
+            tuple(sorted(found)),
+            _cluster_objects(record) if record is not None else "",
+        )
 
     def describe(self) -> str:
         parts = [
@@ -159,9 +165,16 @@ def reap_run(run: Run, deadline: Deadline) -> Leftovers:
         if record is not None:
             from .kubebackend import delete_recorded  # the kubernetes client loads only for such runs
 
-            found = replace(found, cluster=delete_recorded(record, deadline))
+            delete_recorded(record, deadline)
         run.remove()
     return found
+
+
+def _cluster_objects(record: dict[str, object]) -> str:
+    namespace, selector = record.get("namespace"), record.get("selector")
+    return (
+        f"namespace {namespace}" if record.get("owns_namespace") else f"objects -l {selector} in namespace {namespace}"
+    )
 
 
 def reap_for_session(timeout: float) -> list[str]:

@@ -81,5 +81,6 @@ def _shape_pod(spec: Obj, end: PodEnd) -> None:
         spec["dnsPolicy"] = "ClusterFirstWithHostNet"
         spec["nodeSelector"] = {"kubernetes.io/hostname": end.node}
         spec["tolerations"] = [{"operator": "Exists"}]  # also control-plane nodes
+        env.append({"name": "SVCTUNNEL_HOST_NETWORK", "value": "1"})
     if end.bridge is not None:
         env.append({"name": "SVCTUNNEL_BRIDGE", "value": end.bridge})

@@ -17,8 +17,11 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import subprocess
+import sys
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -77,6 +80,36 @@ def test_agent_pod_restart_heals_the_tunnel(svctunnel):
                 return
         time.sleep(0.2)
     raise AssertionError("the tunnel did not heal within 120 s of the pod's deletion")
+"""
+
+
+NODE_SUITE = """
+import os
+import subprocess
+
+
+def run(*argv):
+    return subprocess.run(argv, capture_output=True, text=True).stdout
+
+
+def test_networks_land_on_the_nodes_bridge(svctunnel):
+    node, bridge = os.environ["E2E_NODE_NETNS"], os.environ["E2E_BRIDGE"]
+    for address in (svctunnel.remote_ipv4.ip, svctunnel.remote_ipv6.ip):
+        assert subprocess.run(["ping", "-c", "1", "-W", "2", "-I", svctunnel.dev, str(address)]).returncode == 0
+    ports = run("ip", "-n", node, "-d", "-o", "link", "show", "master", bridge)
+    assert f"vxlan id {svctunnel.vni} " in ports, ports
+    addresses = run("ip", "-n", node, "-o", "addr", "show", "dev", bridge)
+    assert str(svctunnel.remote_ipv4.ip) in addresses and str(svctunnel.remote_ipv6.ip) in addresses, addresses
+"""
+
+HOLD_SUITE = """
+import time
+from pathlib import Path
+
+
+def test_hold(svctunnel):
+    Path("tunnel-up").write_text(svctunnel.run_id)
+    time.sleep(300)
 """
 
 
@@ -224,3 +257,122 @@ def test_missing_kubeconfig_names_the_remedy(pytester: pytest.Pytester, tmp_path
     assert result.ret == pytest.ExitCode.TESTS_FAILED, output
     assert "--svctunnel-kubeconfig" in output and "--svctunnel-backend lab" in output, output
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def test_node_mode_lands_the_networks_on_the_nodes_bridge(pytester: pytest.Pytester, cluster: TestCluster) -> None:
+    node_ns = cluster.network.plan.node_netns
+    bridge = "svtbr-e2e"
+    subprocess.run(["ip", "-n", node_ns, "link", "add", bridge, "type", "bridge"], check=True)
+    try:
+        subprocess.run(["ip", "-n", node_ns, "link", "set", bridge, "up"], check=True)
+        pytester.makepyfile(test_node=NODE_SUITE)
+        os.environ.update(E2E_NODE_NETNS=node_ns, E2E_BRIDGE=bridge)
+        try:
+            result, run_id = run_inner(
+                pytester, cluster, "--svctunnel-node", cluster.node_name, "--svctunnel-bridge", bridge
+            )
+        finally:
+            del os.environ["E2E_NODE_NETNS"], os.environ["E2E_BRIDGE"]
+        output = result.stdout.str()
+        assert result.ret == pytest.ExitCode.OK, output
+        assert_run_left_nothing(cluster, run_id, output)
+        left = subprocess.run(["ip", "-n", node_ns, "-o", "link", "show", "master", bridge], capture_output=True)
+        assert left.stdout == b"", "a tunnel device outlived the session on the node"
+        addresses = subprocess.run(["ip", "-n", node_ns, "-o", "addr", "show", "dev", bridge], capture_output=True)
+        assert b" inet" not in addresses.stdout.replace(b"inet6 fe80", b""), addresses.stdout
+    finally:
+        subprocess.run(["ip", "-n", node_ns, "link", "del", bridge], check=False)
+
+
+def test_a_node_that_does_not_exist_fails_early(pytester: pytest.Pytester, cluster: TestCluster) -> None:
+    pytester.makepyfile(test_multinet=EXAMPLE.read_text())
+    started = time.monotonic()
+    result, run_id = run_inner(pytester, cluster, "--svctunnel-node", "no-such-node", "-x")
+    output = result.stdout.str()
+    assert result.ret == pytest.ExitCode.TESTS_FAILED, output
+    assert "cannot be scheduled" in output and "--svctunnel-node" in output, output
+    assert time.monotonic() - started < 45, "an unschedulable pod must fail at once, not at the deadline"
+    assert_run_left_nothing(cluster, run_id, output)
+
+
+def test_given_namespace_keeps_only_what_it_had(pytester: pytest.Pytester, cluster: TestCluster) -> None:
+    core = client.CoreV1Api(cluster.api)
+    namespace = f"svt-e2e-{uuid.uuid4().hex[:6]}"
+    core.create_namespace({"metadata": {"name": namespace}})
+    try:
+        pytester.makepyfile(test_multinet=EXAMPLE.read_text())
+        result, run_id = run_inner(pytester, cluster, "--svctunnel-namespace", namespace)
+        output = result.stdout.str()
+        assert result.ret == pytest.ExitCode.OK, output
+        assert core.read_namespace(namespace).status.phase == "Active"
+        assert_run_left_nothing(cluster, run_id, output)
+    finally:
+        core.delete_namespace(namespace)
+
+
+class HeldSession:
+    """An inner session whose test holds the tunnel up, as a process group of its own."""
+
+    def __init__(self, pytester: pytest.Pytester, cluster: TestCluster) -> None:
+        pytester.makepyfile(test_hold=HOLD_SUITE)
+        self.path = pytester.path
+        self.out = pytester.path / "held.out"
+        env = {**os.environ, "SVCTUNNEL_KUBECONFIG": str(cluster.kubeconfig)}
+        with self.out.open("wb") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "no:hypothesispytest", "-s"],
+                cwd=pytester.path, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            )  # fmt: skip
+
+    def wait_for(self, what: str, check: Any, seconds: float = 90.0) -> None:
+        end = time.monotonic() + seconds
+        while not check():
+            assert self.proc.poll() is None, f"the inner session ended before {what}:\n{self.out.read_text()}"
+            assert time.monotonic() < end, f"not within {seconds:g} s: {what}\n{self.out.read_text()}"
+            time.sleep(0.05)
+
+    @property
+    def run_id(self) -> str:
+        self.wait_for("its report header", lambda: _HEADER.search(self.out.read_text()))
+        match = _HEADER.search(self.out.read_text())
+        assert match is not None
+        return match["run"]
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(30)
+
+
+@pytest.fixture
+def held(pytester: pytest.Pytester, cluster: TestCluster) -> Iterator[HeldSession]:
+    session = HeldSession(pytester, cluster)
+    yield session
+    session.kill()
+
+
+def test_sigterm_while_objects_exist_leaves_nothing(held: HeldSession, cluster: TestCluster) -> None:
+    """SIGTERM once the session's namespace exists, before the tunnel is up: all of it goes."""
+    core = client.CoreV1Api(cluster.api)
+    run_id = held.run_id
+    held.wait_for("the namespace", lambda: core.list_namespace(label_selector=f"{RUN_LABEL}={run_id}").items)
+    held.proc.send_signal(signal.SIGTERM)
+    assert held.proc.wait(90) == pytest.ExitCode.INTERRUPTED, held.out.read_text()
+    assert_run_left_nothing(cluster, run_id, held.out.read_text())
+
+
+def test_sigkilled_session_is_reaped(held: HeldSession, cluster: TestCluster) -> None:
+    """SIGKILL leaves the cluster objects and local devices; 'svctunnel reap' removes exactly those."""
+    run_id = held.run_id
+    held.wait_for("the tunnel", lambda: (held.path / "tunnel-up").exists())
+    held.kill()
+    assert labelled(cluster.api, run_id), "SIGKILL should have left the run's objects"
+    assert device.links_with_prefix(None, f"svt{run_id}-"), "SIGKILL should have left the run's devices"
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest_svctunnel", "reap"], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"reaped run {run_id}" in done.stdout and f"Kubernetes namespace svctunnel-{run_id}" in done.stdout, (
+        done.stdout
+    )
+    assert_run_left_nothing(cluster, run_id, done.stdout)

@@ -126,13 +126,19 @@ def test_node_mode_pins_a_host_network_pod_and_joins_the_bridge() -> None:
     assert spec["hostNetwork"] is True
     assert spec["nodeSelector"] == {"kubernetes.io/hostname": "kind-worker"}
     assert _env(objects)["SVCTUNNEL_BRIDGE"] == "br-multus"
+    assert _env(objects)["SVCTUNNEL_HOST_NETWORK"] == "1"  # the node's conntrack must see the handshake
     (container,) = spec["containers"]
     assert container["securityContext"]["capabilities"]["add"] == ["NET_ADMIN", "NET_RAW"]
 
 
 def test_pod_mode_has_no_node_settings() -> None:
-    spec = _pod_spec(render.pod_end(_end()))
-    assert not {"hostNetwork", "nodeSelector", "tolerations"} & set(spec)
+    objects = render.pod_end(_end())
+    assert not {"hostNetwork", "nodeSelector", "tolerations"} & set(_pod_spec(objects))
+    assert not {"SVCTUNNEL_HOST_NETWORK", "SVCTUNNEL_BRIDGE", "SVCTUNNEL_PEER"} & set(_env(objects))
+
+
+def test_agent_learns_where_the_service_delivers() -> None:
+    assert _env(render.pod_end(_end()))["SVCTUNNEL_LOCAL_ADDRESS"] == {"fieldRef": {"fieldPath": "status.podIP"}}
 
 
 def test_a_placeholder_without_a_value_is_an_error() -> None:

@@ -233,7 +233,11 @@ class ControlPlane:
         node = client.V1Node(
             api_version="v1",
             kind="Node",
-            metadata=client.V1ObjectMeta(name=name),
+            # the labels every kubelet sets (node selectors pin pods with kubernetes.io/hostname)
+            metadata=client.V1ObjectMeta(
+                name=name,
+                labels={"kubernetes.io/hostname": name, "kubernetes.io/os": "linux", "kubernetes.io/arch": "amd64"},
+            ),
             spec=client.V1NodeSpec(pod_cidr=pod_cidr, pod_cidrs=[pod_cidr]),
         )
         now = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")

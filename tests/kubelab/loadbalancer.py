@@ -21,7 +21,8 @@ from typing import Any
 import kubernetes.client
 from kubernetes.client.exceptions import ApiException
 
-from .kubelet import API_TIMEOUT_S, KubeletError, Obj, ObjectWatch, key_of
+from .errors import KubeletError
+from .kubewatch import API_TIMEOUT_S, Obj, ObjectWatch, key_of
 
 log = logging.getLogger(__name__)
 
