@@ -229,7 +229,10 @@ class KubernetesBackend:
             if self.owns_namespace
             else f"kubectl -n {self.namespace} delete deployment,service,secret -l {self.selector}"
         )
-        return f"pod end kept: {where} ({self.cluster_source()}); remove with '{remove}' or 'svctunnel reap'"
+        return (
+            f"pod end kept: {where} ({self.cluster_source()}), and this end's devices svt{self.run.id}-*;"
+            f" remove all with 'svctunnel reap --include-detached', or the pod end with '{remove}'"
+        )
 
     def cluster_source(self) -> str:
         return self._cluster.source if self._cluster else "no cluster"

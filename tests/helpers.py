@@ -86,3 +86,25 @@ def connect_argv(
         "--remote-ipv6",
         remote_ipv6,
     ]
+
+
+# every setting, in the option table's order (the plugin's and the config tests' expectation)
+OPTION_KEYS = (
+    "backend",
+    "peer",
+    "port",
+    "vni",
+    "timeout",
+    "keep",
+    "underlay_dev",
+    "keepalive",
+    "misses",
+    "reap",
+    "kubeconfig",
+    "context",
+    "namespace",
+    "image",
+    "service_type",
+    "node",
+    "bridge",
+)

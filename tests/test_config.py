@@ -12,25 +12,9 @@ from hypothesis import strategies as st
 from pytest_svctunnel.config import OPTION_BY_KEY, OPTIONS, TunnelConfig, resolve
 from pytest_svctunnel.errors import ConfigError
 
-KEYS = (
-    "backend",
-    "peer",
-    "port",
-    "vni",
-    "timeout",
-    "keep",
-    "underlay_dev",
-    "keepalive",
-    "misses",
-    "reap",
-    "kubeconfig",
-    "context",
-    "namespace",
-    "image",
-    "service_type",
-    "node",
-    "bridge",
-)
+from .helpers import OPTION_KEYS
+
+KEYS = OPTION_KEYS
 ENV = {k: "SVCTUNNEL_" + k.upper() for k in KEYS}
 FLAG = {k: "--svctunnel-" + k.replace("_", "-") for k in KEYS}
 INI = {k: "svctunnel_" + k for k in KEYS}

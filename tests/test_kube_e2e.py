@@ -235,18 +235,6 @@ def test_agent_pod_restart_heals(pytester: pytest.Pytester, cluster: TestCluster
     assert_run_left_nothing(cluster, run_id, output)
 
 
-def test_unknown_image_fails_early_and_leaves_nothing(pytester: pytest.Pytester, cluster: TestCluster) -> None:
-    pytester.makepyfile(test_multinet=EXAMPLE.read_text())
-    started = time.monotonic()
-    result, run_id = run_inner(pytester, cluster, "--svctunnel-image", "registry.invalid/none:1", "-x")
-    output = result.stdout.str()
-    assert result.ret == pytest.ExitCode.TESTS_FAILED, output
-    assert "the image cannot be pulled" in output, output
-    assert "kind load docker-image" in output, output
-    assert time.monotonic() - started < 45, "an image pull error must fail at once, not at the deadline"
-    assert_run_left_nothing(cluster, run_id, output)
-
-
 def test_missing_kubeconfig_names_the_remedy(pytester: pytest.Pytester, tmp_path: Path) -> None:
     pytester.makepyfile(test_multinet=EXAMPLE.read_text())
     result = pytester.runpytest_subprocess(
@@ -284,14 +272,26 @@ def test_node_mode_lands_the_networks_on_the_nodes_bridge(pytester: pytest.Pytes
         subprocess.run(["ip", "-n", node_ns, "link", "del", bridge], check=False)
 
 
-def test_a_node_that_does_not_exist_fails_early(pytester: pytest.Pytester, cluster: TestCluster) -> None:
+FAIL_EARLY = {
+    # the session's args -> what its error must say (the cause, and the remedy)
+    "unknown-image": (("--svctunnel-image", "registry.invalid/none:1"), ("the image cannot be pulled", "kind load")),
+    "no-such-node": (("--svctunnel-node", "no-such-node"), ("cannot be scheduled", "--svctunnel-node")),
+}
+
+
+@pytest.mark.parametrize("case", list(FAIL_EARLY))
+def test_a_pod_that_cannot_run_fails_early_and_leaves_nothing(
+    pytester: pytest.Pytester, cluster: TestCluster, case: str
+) -> None:
+    args, phrases = FAIL_EARLY[case]
     pytester.makepyfile(test_multinet=EXAMPLE.read_text())
     started = time.monotonic()
-    result, run_id = run_inner(pytester, cluster, "--svctunnel-node", "no-such-node", "-x")
+    result, run_id = run_inner(pytester, cluster, *args, "-x")
     output = result.stdout.str()
     assert result.ret == pytest.ExitCode.TESTS_FAILED, output
-    assert "cannot be scheduled" in output and "--svctunnel-node" in output, output
-    assert time.monotonic() - started < 45, "an unschedulable pod must fail at once, not at the deadline"
+    for phrase in phrases:
+        assert phrase in output, output
+    assert time.monotonic() - started < 45, "a pod that cannot run must fail at once, not at the deadline"
     assert_run_left_nothing(cluster, run_id, output)
 
 
@@ -375,4 +375,26 @@ def test_sigkilled_session_is_reaped(held: HeldSession, cluster: TestCluster) ->
     assert f"reaped run {run_id}" in done.stdout and f"Kubernetes namespace svctunnel-{run_id}" in done.stdout, (
         done.stdout
     )
+    assert_run_left_nothing(cluster, run_id, done.stdout)
+
+
+def test_kept_session_stays_until_reaped(pytester: pytest.Pytester, cluster: TestCluster) -> None:
+    """--svctunnel-keep always leaves the pod end (and this end) for inspection, says how to remove
+    it, and 'svctunnel reap --include-detached' removes it once the session has ended."""
+    pytester.makepyfile(test_multinet=EXAMPLE.read_text())
+    result, run_id = run_inner(pytester, cluster, "--svctunnel-keep", "always", "-k", "default_network_ipv4")
+    output = result.stdout.str()
+    assert result.ret == pytest.ExitCode.OK, output
+    assert f"pod end kept: namespace svctunnel-{run_id}" in output, output
+    assert f"kubectl delete namespace svctunnel-{run_id}" in output, output
+    assert labelled(cluster.api, run_id), "the kept objects are gone"
+    plain = subprocess.run([sys.executable, "-m", "pytest_svctunnel", "reap"], capture_output=True, text=True)
+    assert f"left alone: run {run_id}" in plain.stdout, plain.stdout
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest_svctunnel", "reap", "--include-detached"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert f"reaped run {run_id}" in done.stdout, done.stdout + done.stderr
     assert_run_left_nothing(cluster, run_id, done.stdout)

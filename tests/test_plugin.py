@@ -23,26 +23,9 @@ import pytest
 
 from pytest_svctunnel.runs import state_root
 
+from .helpers import OPTION_KEYS
+
 USAGE_ERROR = pytest.ExitCode.USAGE_ERROR
-OPTION_KEYS = (
-    "backend",
-    "peer",
-    "port",
-    "vni",
-    "timeout",
-    "keep",
-    "underlay_dev",
-    "keepalive",
-    "misses",
-    "reap",
-    "kubeconfig",
-    "context",
-    "namespace",
-    "image",
-    "service_type",
-    "node",
-    "bridge",
-)
 FLAGS = tuple("--svctunnel-" + key.replace("_", "-") for key in OPTION_KEYS)
 ROLES = ("home", "wan", "node", "pod")
 INNER_TIMEOUT_S = 180
