@@ -193,6 +193,12 @@ def resolve(
         raise ConfigError(
             f"{where}={values['bridge']} needs node mode: also set --svctunnel-node NAME, or leave out {where}"
         )
+    if values["node"] is not None and values["service_type"] == "NodePort":
+        raise ConfigError(
+            f"{_where(OPTION_BY_KEY['node'], sources['node'])} with service type NodePort is not supported (in node"
+            " mode the agent sees hellos before the node port is translated); use --svctunnel-service-type"
+            " LoadBalancer, or leave out --svctunnel-node"
+        )
     return TunnelConfig(sources=sources, **values)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -156,10 +157,13 @@ class KubernetesBackend:
         return kube.call(f"reading Service {ns}/{self.name}", lambda: core.read_namespaced_service(self.name, ns))
 
     def _load_balancer_address(self) -> Endpoint | None:
+        """The first ingress address; a host name (AWS load balancers) once it resolves."""
         ingress = self.service().status.load_balancer.ingress or []
         for entry in ingress:
             if entry.ip:
                 return Endpoint(ipaddress.ip_address(entry.ip), self.config.port)
+            if entry.hostname and (address := _resolve(entry.hostname)) is not None:
+                return Endpoint(address, self.config.port)
         return None
 
     def _node_port(self, pod: Any) -> Endpoint:
@@ -304,6 +308,16 @@ def delete_run_objects(
 
 def _log_reader(core: Any, name: str, namespace: str) -> Callable[[], Any]:
     return lambda: core.read_namespaced_pod_log(name, namespace, tail_lines=60, _request_timeout=10)
+
+
+def _resolve(hostname: str) -> IPAddress | None:
+    """An IPv4 address of ``hostname`` (else IPv6), or None while its DNS record is not there yet."""
+    try:
+        infos = socket.getaddrinfo(hostname, None, proto=socket.IPPROTO_UDP)
+    except OSError:
+        return None
+    addresses = sorted({ipaddress.ip_address(info[4][0]) for info in infos}, key=lambda a: (a.version, a))
+    return addresses[0] if addresses else None
 
 
 def _gone(found: object) -> bool | None:

@@ -261,6 +261,12 @@ def test_bridge_needs_node_mode(layer: str) -> None:
     assert resolve({**cli, "node": "kind-worker"}, env, ini).bridge == "br0"
 
 
+def test_node_mode_needs_a_load_balancer() -> None:
+    with pytest.raises(ConfigError, match="--svctunnel-node with service type NodePort is not supported"):
+        resolve({"node": "n1"}, {ENV["service_type"]: "NodePort"}, {})
+    assert resolve({"node": "n1"}, {}, {}).service_type == "LoadBalancer"
+
+
 @given(st.integers(-(10**6), 10**6))
 def test_property_port_range(port: int) -> None:
     if 1 <= port <= 65535:
@@ -295,6 +301,12 @@ def test_property_first_present_layer_wins(present: dict[str, set[str]]) -> None
     if present["bridge"] and not present["node"]:
         present["node"] = {"ini"}  # a bridge needs node mode (tested on its own)
         ini["node"] = LAYERS["node"][2][0]
+    winner = next((layer for layer in ("cli", "env", "ini") if layer in present["service_type"]), "default")
+    if present["node"] and winner in ("cli", "ini"):  # NodePort: not with node mode (tested on its own)
+        present["service_type"] = set()
+        cli.pop("service_type", None)
+        env.pop(ENV["service_type"], None)
+        ini.pop("service_type", None)
     config = resolve(cli, env, ini)
     for key, layers in present.items():
         winner = next((layer for layer in ("cli", "env", "ini") if layer in layers), "default")

@@ -40,6 +40,7 @@ from pytest_svctunnel.waiting import Deadline
 from .kubelab.controlplane import ControlPlane
 from .kubelab.kubelet import MiniKubelet
 from .kubelab.loadbalancer import LoadBalancerController
+from .kubelab.logserver import KubeletLogServer
 from .kubelab.topology import ClusterNetwork
 
 pytestmark = pytest.mark.root
@@ -102,6 +103,11 @@ def test_networks_land_on_the_nodes_bridge(svctunnel):
     assert str(svctunnel.remote_ipv4.ip) in addresses and str(svctunnel.remote_ipv6.ip) in addresses, addresses
 """
 
+FAILING_SUITE = """
+def test_fails_with_the_tunnel_up(svctunnel):
+    assert svctunnel.peer is None, "fails on purpose: the report must carry the pod end's diagnostics"
+"""
+
 HOLD_SUITE = """
 import time
 from pathlib import Path
@@ -162,6 +168,9 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestCluster]:
         )
         kubelet.start()
         stack.callback(kubelet.stop, 30)
+        logs = KubeletLogServer(plan.node_netns, str(plan.node_address), kubelet.log_path, work / "kubelet-server")
+        logs.start()
+        stack.callback(logs.stop)
         balancer = LoadBalancerController(api, plan.lb_pool)
         balancer.start()
         stack.callback(balancer.stop, 10)
@@ -291,6 +300,9 @@ def test_a_pod_that_cannot_run_fails_early_and_leaves_nothing(
     assert result.ret == pytest.ExitCode.TESTS_FAILED, output
     for phrase in phrases:
         assert phrase in output, output
+    for section in ("svctunnel diagnostics", "--- pod end log", "--- pod end pods", "--- pod end Service"):
+        assert section in output, output  # the report section of a failed setup
+    assert "--- recent events" in output and "ScalingReplicaSet" in output, output
     assert time.monotonic() - started < 45, "a pod that cannot run must fail at once, not at the deadline"
     assert_run_left_nothing(cluster, run_id, output)
 
@@ -398,3 +410,18 @@ def test_kept_session_stays_until_reaped(pytester: pytest.Pytester, cluster: Tes
     )
     assert f"reaped run {run_id}" in done.stdout, done.stdout + done.stderr
     assert_run_left_nothing(cluster, run_id, done.stdout)
+
+
+def test_a_failing_test_reports_the_pod_end(pytester: pytest.Pytester, cluster: TestCluster) -> None:
+    """The report section of a failed test has the agent's log (through the API server's pods/log),
+    the pod's and the Service's status and recent events."""
+    pytester.makepyfile(test_fails=FAILING_SUITE)
+    result, run_id = run_inner(pytester, cluster)
+    output = result.stdout.str()
+    assert result.ret == pytest.ExitCode.TESTS_FAILED, output
+    log = output.split("--- pod end log", 1)[-1].split("--- pod end pods", 1)[0]
+    assert "svctunnel.agent: up: tunnel up with" in log, output
+    assert re.search(r"pod svctunnel-\w+-\w+-\w+: Running on svt-\w+-node ip 198\.18\.", output), output
+    assert f"LoadBalancer svctunnel-{run_id}/svctunnel-{run_id}: ports 5533/UDP" in output, output
+    assert "--- recent events" in output and "ScalingReplicaSet" in output, output
+    assert_run_left_nothing(cluster, run_id, output)

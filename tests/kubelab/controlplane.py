@@ -159,6 +159,8 @@ class ControlPlane:
             f"--service-account-signing-key-file={pki.service_account_key}",
             f"--cert-dir={self.work_dir / 'kube-apiserver-certs'}",  # never written (certificates are given)
             "--profiling=false",
+            # pods/log goes to the node's kubelet endpoint; the lab's node has no resolvable host name
+            "--kubelet-preferred-address-types=InternalIP",
         ]
         self._spawn("kube-apiserver", argv)
         self._api_port = port
