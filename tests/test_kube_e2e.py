@@ -294,7 +294,6 @@ def test_a_pod_that_cannot_run_fails_early_and_leaves_nothing(
 ) -> None:
     args, phrases = FAIL_EARLY[case]
     pytester.makepyfile(test_multinet=EXAMPLE.read_text())
-    started = time.monotonic()
     result, run_id = run_inner(pytester, cluster, *args, "-x")
     output = result.stdout.str()
     assert result.ret == pytest.ExitCode.TESTS_FAILED, output
@@ -303,7 +302,7 @@ def test_a_pod_that_cannot_run_fails_early_and_leaves_nothing(
     for section in ("svctunnel diagnostics", "--- pod end log", "--- pod end pods", "--- pod end Service"):
         assert section in output, output  # the report section of a failed setup
     assert "--- recent events" in output and "ScalingReplicaSet" in output, output
-    assert time.monotonic() - started < 45, "a pod that cannot run must fail at once, not at the deadline"
+    assert "not done after" not in output, "a pod that cannot run must fail on its state, not at the deadline"
     assert_run_left_nothing(cluster, run_id, output)
 
 
