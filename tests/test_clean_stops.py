@@ -63,7 +63,8 @@ from pathlib import Path
 
 
 def test_uses_tunnel(svctunnel):
-    Path("phase-call").write_text(svctunnel.run_id)
+    Path("phase-call.tmp").write_text(svctunnel.run_id)
+    os.replace("phase-call.tmp", "phase-call")  # at once: a watcher never reads it half-written
     if "INNER_STUBBORN" in os.environ:  # a process in the lab that ignores SIGTERM: teardown waits for it
         pod = f"svt-{svctunnel.run_id}-pod"
         stubborn = subprocess.Popen(["ip", "netns", "exec", pod, "sh", "-c", "trap '' TERM; exec sleep 60"])
