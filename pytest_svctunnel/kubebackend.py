@@ -13,6 +13,7 @@ import ipaddress
 import logging
 import socket
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -207,7 +208,8 @@ class KubernetesBackend:
         parts = []
         for pod in self.pods():
             name: str = pod.metadata.name
-            text = kube.call(f"reading the log of pod {ns}/{name}", _log_reader(core, name, ns))
+            read = partial(core.read_namespaced_pod_log, name, ns, tail_lines=60, _request_timeout=10)
+            text = kube.call(f"reading the log of pod {ns}/{name}", read)
             parts.append(f"--- {name}\n{text}")
         return "\n".join(parts) or "no pods"
 
@@ -270,18 +272,18 @@ def delete_run_objects(
             interval=_POLL_S,
         )
         return
-    options = {"propagation_policy": "Foreground"}
     deleters: list[tuple[str, Callable[..., Any]]] = [
         ("Deployments", apps.delete_collection_namespaced_deployment),
         ("Secrets", core.delete_collection_namespaced_secret),
     ]
     for kind, delete in deleters:
-        kube.call(f"deleting {kind} -l {selector} in {namespace}", _bound(delete, namespace, selector, options))
+        delete_all = partial(delete, namespace, label_selector=selector, propagation_policy="Foreground")
+        kube.call(f"deleting {kind} -l {selector} in {namespace}", delete_all)
     services = kube.call(
         f"listing Services in {namespace}", lambda: core.list_namespaced_service(namespace, label_selector=selector)
     ).items
     for svc in services:  # Services have no delete-collection
-        delete_service = _bound(core.delete_namespaced_service, namespace, None, {"name": svc.metadata.name})
+        delete_service = partial(core.delete_namespaced_service, svc.metadata.name, namespace)
         kube.call_unless_missing(f"deleting Service {svc.metadata.name}", delete_service)
     listers: list[tuple[str, Callable[..., Any]]] = [
         ("Deployments", apps.list_namespaced_deployment),
@@ -306,10 +308,6 @@ def delete_run_objects(
     )
 
 
-def _log_reader(core: Any, name: str, namespace: str) -> Callable[[], Any]:
-    return lambda: core.read_namespaced_pod_log(name, namespace, tail_lines=60, _request_timeout=10)
-
-
 def _resolve(hostname: str) -> IPAddress | None:
     """An IPv4 address of ``hostname`` (else IPv6), or None while its DNS record is not there yet."""
     try:
@@ -322,15 +320,6 @@ def _resolve(hostname: str) -> IPAddress | None:
 
 def _gone(found: object) -> bool | None:
     return True if found is None else None
-
-
-def _bound(
-    call: Callable[..., Any], namespace: str, selector: str | None, options: dict[str, str]
-) -> Callable[[], Any]:
-    """``call`` with its namespace, label selector (if any) and keyword options bound."""
-    if selector is None:
-        return lambda: call(namespace=namespace, **options)
-    return lambda: call(namespace, label_selector=selector, **options)
 
 
 def _container_running(pod: Any) -> bool:

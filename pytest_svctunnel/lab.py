@@ -154,7 +154,7 @@ def node_rules(plan: LabPlan) -> str:
     return nft.replace_table("inet", "svtlab", body)
 
 
-def _pick_block(run_id: str) -> int:
+def pick_block(run_id: str) -> int:
     """A block no other lab uses: not one of this state root's runs, nor one whose addresses
     exist on this host already (a lab of another state root, another user or test session)."""
     used = _blocks_on_this_host()
@@ -187,7 +187,7 @@ class Lab:
         if saved:
             self.plan = LabPlan(run.id, int(saved["block"]), int(saved["port"]), bool(saved["rewrite_ports"]))
         else:
-            self.plan = LabPlan(run.id, _pick_block(run.id), port, rewrite_ports)
+            self.plan = LabPlan(run.id, pick_block(run.id), port, rewrite_ports)
         self.agent = AgentProcess(run, self.plan.ns("pod"))
 
     # -- building --------------------------------------------------------------

@@ -2,10 +2,46 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import re
 import select
+import shutil
 import signal
 import subprocess
 import sys
+from pathlib import Path
+
+
+def agent_pids(run_id: str, root: Path) -> list[str]:
+    """The lab agents of one run under the state root ``root``."""
+    pattern = f"pytest_svctunnel agent --key-file {re.escape(str(root))}/{run_id}/key"
+    return subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout.split()
+
+
+def leftovers(run_id: str, root: Path) -> dict[str, list[str]]:
+    """Everything of one run that exists: namespaces, links here, agent processes, state directory."""
+    netns_dir = Path("/run/netns")
+    return {
+        "namespaces": sorted(p.name for p in netns_dir.glob(f"svt-{run_id}-*")) if netns_dir.is_dir() else [],
+        "links": sorted(p.name for p in Path("/sys/class/net").glob(f"svt{run_id}-*")),
+        "agents": agent_pids(run_id, root),
+        "state dir": [str(root / run_id)] if (root / run_id).exists() else [],
+    }
+
+
+def remove_by_hand(run_id: str, root: Path) -> None:
+    """Last resort after the assertions, whatever failed: remove a run's objects by its id only
+    (independent of the code under test)."""
+    left = leftovers(run_id, root)
+    for pid in left["agents"]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(int(pid), signal.SIGKILL)
+    for name in left["namespaces"]:
+        subprocess.run(["ip", "netns", "del", name], capture_output=True)
+    for name in left["links"]:
+        subprocess.run(["ip", "link", "del", name], capture_output=True)
+    shutil.rmtree(root / run_id, ignore_errors=True)
 
 
 def svctunnel_cmd(*args: str) -> list[str]:

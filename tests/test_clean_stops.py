@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -32,6 +31,8 @@ from pytest_svctunnel.lab import Lab
 from pytest_svctunnel.pids import ProcessRef, proc_stat
 from pytest_svctunnel.process import AgentProcess
 from pytest_svctunnel.runs import OWNER_FILE, OWNERLESS_GRACE_S, STATE_ENV, Run, new_run_id, state_root
+
+from .helpers import leftovers, remove_by_hand
 
 INTERRUPTED = pytest.ExitCode.INTERRUPTED
 _HEADER = re.compile(r"^svctunnel: run (?P<run>[0-9a-f]{6});", re.MULTILINE)
@@ -101,39 +102,9 @@ def _netns_exists(name: str) -> bool:
     return Path("/run/netns", name).exists()
 
 
-def agent_pids(run_id: str, root: Path) -> list[str]:
-    pattern = f"pytest_svctunnel agent --key-file {re.escape(str(root))}/{run_id}/key"
-    return subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout.split()
-
-
-def leftovers(run_id: str, root: Path) -> dict[str, list[str]]:
-    """Everything of one run that exists: namespaces, links here, agent processes, state directory."""
-    netns_dir = Path("/run/netns")
-    return {
-        "namespaces": sorted(p.name for p in netns_dir.glob(f"svt-{run_id}-*")) if netns_dir.is_dir() else [],
-        "links": sorted(p.name for p in Path("/sys/class/net").glob(f"svt{run_id}-*")),
-        "agents": agent_pids(run_id, root),
-        "state dir": [str(root / run_id)] if (root / run_id).exists() else [],
-    }
-
-
 def assert_nothing_left(run_id: str, root: Path, context: str = "") -> None:
     left = leftovers(run_id, root)
     assert not any(left.values()), f"run {run_id} left behind: {left}\n{context}"
-
-
-def last_resort_cleanup(run_id: str, root: Path) -> None:
-    """After the assertions, whatever failed: remove a run's objects by hand, by its id only
-    (independent of the code under test)."""
-    left = leftovers(run_id, root)
-    for pid in left["agents"]:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(int(pid), signal.SIGKILL)
-    for name in left["namespaces"]:
-        subprocess.run(["ip", "netns", "del", name], capture_output=True)
-    for name in left["links"]:
-        subprocess.run(["ip", "link", "del", name], capture_output=True)
-    shutil.rmtree(root / run_id, ignore_errors=True)
 
 
 def wait_until(check: Callable[[], object], what: str, seconds: float = WAIT_S, interval: float = 0.001) -> None:
@@ -218,10 +189,10 @@ class Inners:
         for inner in self.started:
             inner.kill()
             if inner._run_id is not None:
-                last_resort_cleanup(inner._run_id, inner.root)
+                remove_by_hand(inner._run_id, inner.root)
         for root in self.roots:
             for run_dir in root.glob("??????"):
-                last_resort_cleanup(run_dir.name, root)
+                remove_by_hand(run_dir.name, root)
 
 
 @pytest.fixture

@@ -10,11 +10,7 @@ header names every namespace, link, state directory and agent key file of a run)
 
 from __future__ import annotations
 
-import contextlib
-import os
 import re
-import shutil
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator, Sequence
@@ -23,7 +19,7 @@ import pytest
 
 from pytest_svctunnel.runs import state_root
 
-from .helpers import OPTION_KEYS
+from .helpers import OPTION_KEYS, leftovers, remove_by_hand
 
 USAGE_ERROR = pytest.ExitCode.USAGE_ERROR
 FLAGS = tuple("--svctunnel-" + key.replace("_", "-") for key in OPTION_KEYS)
@@ -79,31 +75,8 @@ def netns_names() -> set[str]:
     return {line.split()[0] for line in out.splitlines() if line.strip()}
 
 
-def link_names() -> set[str]:
-    out = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True, check=True).stdout
-    return {line.split(": ")[1].split("@")[0] for line in out.splitlines() if ": " in line}
-
-
-def agent_pids(run_id: str) -> list[str]:
-    done = subprocess.run(
-        ["pgrep", "-f", f"pytest_svctunnel agent --key-file \\S*/{run_id}/key"], capture_output=True, text=True
-    )
-    return done.stdout.split()
-
-
-def leftovers(run_id: str) -> dict[str, list[str]]:
-    """Everything of one run that still exists: namespaces, links, state directory, agent processes."""
-    state = state_root() / run_id
-    return {
-        "namespaces": sorted(n for n in netns_names() if n.startswith(f"svt-{run_id}-")),
-        "links": sorted(n for n in link_names() if n.startswith(f"svt{run_id}-")),
-        "state dir": [str(state)] if state.exists() else [],
-        "agents": agent_pids(run_id),
-    }
-
-
 def assert_nothing_left(run_id: str) -> None:
-    left = leftovers(run_id)
+    left = leftovers(run_id, state_root())
     assert not any(left.values()), f"run {run_id} left behind: {left}"
 
 
@@ -182,7 +155,7 @@ class InnerRuns:
     def clean(self) -> None:
         """Last resort after the assertions: remove whatever an inner run left (by its id only)."""
         for run_id in self.run_ids:
-            if not any(leftovers(run_id).values()):
+            if not any(leftovers(run_id, state_root()).values()):
                 continue
             if (state_root() / run_id / "lab.json").exists():
                 subprocess.run(
@@ -190,15 +163,7 @@ class InnerRuns:
                     capture_output=True,
                     timeout=INNER_TIMEOUT_S,
                 )
-            left = leftovers(run_id)
-            for pid in left["agents"]:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(int(pid), signal.SIGKILL)
-            for name in left["namespaces"]:
-                subprocess.run(["ip", "netns", "del", name], capture_output=True)
-            for name in left["links"]:
-                subprocess.run(["ip", "link", "del", name], capture_output=True)
-            shutil.rmtree(state_root() / run_id, ignore_errors=True)
+            remove_by_hand(run_id, state_root())
 
 
 @pytest.fixture
@@ -732,7 +697,7 @@ def test_keep_leaves_lab_until_lab_down(inner: InnerRuns, pytester: pytest.Pytes
     assert match is not None, notes[0]
     kept_id = match[1]
     assert kept_id == run_id
-    kept = leftovers(kept_id)
+    kept = leftovers(kept_id, state_root())
     assert kept["namespaces"] == sorted(f"svt-{kept_id}-{role}" for role in ROLES)
     assert {f"svt{kept_id}-lan", f"svt{kept_id}-0"} <= set(kept["links"])
     assert kept["agents"], "the kept lab's agent is not running"

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pytest_svctunnel import device, netns, nft
-from pytest_svctunnel.lab import NO_DAD, LabPlan, _pick_block, remove_run_objects
+from pytest_svctunnel.lab import NO_DAD, LabPlan, pick_block, remove_run_objects
 from pytest_svctunnel.process import AgentProcess
 from pytest_svctunnel.runs import Run
 from pytest_svctunnel.waiting import Deadline
@@ -69,7 +69,7 @@ class ClusterNetwork:
 
     def __init__(self, run: Run) -> None:
         self.run = run
-        self.plan = ClusterPlan(LabPlan(run.id, _pick_block(run.id)))
+        self.plan = ClusterPlan(LabPlan(run.id, pick_block(run.id)))
         self.run.write("lab.json", {"block": self.plan.lab.block, "port": 0, "rewrite_ports": True})
 
     def up(self) -> None:
