@@ -19,12 +19,15 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from pytest_svctunnel import faults, keys
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the tests' fault injection
+
+from pytest_svctunnel import keys, names
 from pytest_svctunnel.connector import ConnectSettings, ExternalEnd
 from pytest_svctunnel.lab import Lab
 from pytest_svctunnel.networks import single_network
 from pytest_svctunnel.probe import ping_once
 from pytest_svctunnel.runs import Run
+from tests import faults
 
 
 class Pinger(threading.Thread):
@@ -67,16 +70,15 @@ def main() -> None:
     run = Run.new()
     lab = Lab(run)
     lab.up()
-    key_file = run.dir / "key"
-    keys.write_key_file(key_file, keys.generate_key())
-    net = single_network(run.link_prefix + "soak", 333, None, None, None, None)
-    settings = ConnectSettings(lab.plan.service(4), keys.read_key_file(key_file), (net,), 30.0, None, keepalive, 3)
+    key = keys.new_key()
+    net = single_network(names.link_name(run.id, "soak"), 333, None, None, None, None)
+    settings = ConnectSettings(lab.plan.service(4), key, (net,), 30.0, None, keepalive, 3)
     talker: subprocess.Popen[bytes] | None = None
     end: ExternalEnd | None = None
     recoveries: dict[str, list[float]] = {}
     unrecovered: Counter[str] = Counter()
     try:
-        lab.start_agent(key_file)
+        lab.start_agent(key)
         end = ExternalEnd(settings)
         end.open()
         assert net.remote_ipv4 is not None and net.remote_ipv6 is not None
@@ -89,7 +91,7 @@ def main() -> None:
         while time.monotonic() < stop_at:
             time.sleep(rng.uniform(10, 20))
             kind = rng.choice(["conntrack", "pod-restart", "nat-rebind", "agent-stop", "external-restart"])
-            ended = _inject(kind, lab, key_file, rng)
+            ended = _inject(kind, lab, key, rng)
             if kind == "pod-restart" and talker is not None:
                 talker.wait(5)
                 talker = _pod_talker(lab, str(net.local_ipv4.ip) if net.local_ipv4 else "")
@@ -122,19 +124,19 @@ def _pod_talker(lab: Lab, address: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def _inject(kind: str, lab: Lab, key_file: Path, rng: random.Random) -> float:
+def _inject(kind: str, lab: Lab, key: bytes, rng: random.Random) -> float:
     """Cause one fault; returns the moment it ended."""
     if kind == "conntrack":
         faults.flush_node_conntrack_pod_first(lab)
     elif kind == "pod-restart":
-        faults.restart_pod(lab, key_file)
+        faults.restart_pod(lab, key)
     elif kind == "nat-rebind":
         low = rng.choice([20000, 30000, 40000, 50000])
         faults.rebind_home_nat(lab, (low, low + 9999))
     elif kind == "agent-stop":
         lab.stop_agent()
         time.sleep(rng.uniform(3, 10))
-        lab.start_agent(key_file)
+        lab.start_agent(key)
     return time.monotonic()
 
 

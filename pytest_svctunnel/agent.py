@@ -17,12 +17,12 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from types import FrameType
 
 from . import device, nft
-from .errors import SvcTunnelError
-from .guard import DEFAULT_MAX_SKEW_S, ReplayGuard
+from .agentsettings import AgentSettings, describe
+from .errors import KernelError, SvcTunnelError
+from .guard import ReplayGuard
 from .packets import UdpDatagram
 from .protocol import (
     Ack,
@@ -30,7 +30,6 @@ from .protocol import (
     Confirm,
     Endpoint,
     Hello,
-    IPAddress,
     Message,
     PodNetwork,
     ProtocolError,
@@ -45,23 +44,6 @@ _PENDING_TTL_S = 10.0
 _PENDING_MAX = 32
 _REJECT_LOG_INTERVAL_S = 1.0
 _TICK_S = 0.25
-
-
-@dataclass(frozen=True)
-class AgentSettings:
-    """What ``svctunnel agent`` needs; built from CLI flags or environment variables."""
-
-    key: bytes
-    port: int = 5533
-    peer: IPAddress | None = None
-    underlay_dev: str | None = None
-    max_skew_s: float = DEFAULT_MAX_SKEW_S
-    ready_file: Path | None = None  # exists while the tunnel is up (a readiness probe tests it)
-    bridge: str | None = None  # every network's device joins this Linux bridge
-    # the address hellos are DNATed to (the pod IP; the node's, with hostNetwork), for replies
-    # to hellos seen before the node's DNAT, addressed to the Service
-    local_address: IPAddress | None = None
-    host_network: bool = False  # runs in the node's own namespace (node mode)
 
 
 @dataclass
@@ -95,7 +77,7 @@ class Agent:
         self.settings = settings
         self.status = AgentStatus()
         self._clock = clock
-        self._guard = ReplayGuard(settings.max_skew_s)
+        self._guard = ReplayGuard(settings.max_skew)
         self._pending: collections.OrderedDict[bytes, _Pending] = collections.OrderedDict()
         self._committed_nonce: bytes | None = None
         self._last_reject_log = 0.0
@@ -108,6 +90,7 @@ class Agent:
 
     def serve(self, stop: Callable[[], bool]) -> None:
         """Filter the port, listen for hellos, and remove everything built on the way out."""
+        self.check_devices()
         nft.apply(nft.pod_filter(self.settings.port, None, self.settings.host_network))
         try:
             with HelloTap(self.settings.port, self.settings.underlay_dev) as tap:
@@ -119,6 +102,21 @@ class Agent:
                     self.tick()
         finally:
             self.teardown()
+
+    def check_devices(self) -> None:
+        """The underlay device and the bridge must exist before anything is built: each missing one
+        is a KernelError naming the setting, not a failure at the first hello."""
+        underlay, bridge = self.settings.underlay_dev, self.settings.bridge
+        if underlay is not None and not device.link_exists(None, underlay):
+            raise KernelError(
+                f"underlay device {underlay!r} does not exist in the agent's network namespace;"
+                " fix --underlay-dev (SVCTUNNEL_UNDERLAY_DEV) or leave it out to follow the route"
+            )
+        if bridge is not None and device.link_kind_of(None, bridge) != "bridge":
+            raise KernelError(
+                f"no Linux bridge {bridge!r} in the agent's network namespace: create it"
+                f" (ip link add {bridge} type bridge), or fix --bridge (SVCTUNNEL_BRIDGE)"
+            )
 
     def _pin_text(self) -> str:
         return f"hellos only from {self.settings.peer}" if self.settings.peer else "hellos from any address"
@@ -337,10 +335,17 @@ def run_agent(settings: AgentSettings) -> int:
     signal.signal(signal.SIGTERM, on_stop)
     signal.signal(signal.SIGINT, on_stop)
     signal.signal(signal.SIGUSR1, on_status)
-    log.info("agent started, pid %d", os.getpid())
+    log.info("agent started, pid %d: %s", os.getpid(), describe(settings))
     try:
         agent.serve(lambda: bool(stopping))
     except SvcTunnelError as exc:
         log.error("%s", exc)
+        return 1
+    except OSError as exc:  # a kernel refusal nothing above foresaw: one line, never a traceback
+        log.error(
+            "stopped: %s; check the agent's settings above, its capabilities (NET_ADMIN, NET_RAW) and"
+            " its network namespace",
+            exc,
+        )
         return 1
     return 0

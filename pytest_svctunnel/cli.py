@@ -9,20 +9,19 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any, NoReturn
 
-from . import keys
-from .agent import AgentSettings, run_agent
-from .config import parse_misses, parse_port, parse_seconds, parse_vni
+from . import agentsettings, keys, names
+from .agent import run_agent
 from .connector import ConnectSettings, ExternalEnd
 from .errors import ConfigError, SvcTunnelError
 from .lab import Lab, lab_runs
 from .networks import DEFAULT_VNI, single_network
 from .privileges import require_net_admin
-from .protocol import Endpoint, valid_dev_name
+from .protocol import Endpoint
 from .reaper import Reaper
 from .runs import Run
+from .values import parse_ifname, parse_misses, parse_port, parse_seconds, parse_vni
 
 EXIT_USAGE = 2
 
@@ -50,6 +49,7 @@ _port = _argument(parse_port)
 _vni = _argument(parse_vni)
 _timeout = _argument(parse_seconds)
 _misses = _argument(parse_misses)
+_dev = _argument(parse_ifname)
 
 
 def _iface(version: int) -> Callable[[str], Any]:
@@ -64,13 +64,6 @@ def _iface(version: int) -> Callable[[str], Any]:
         return iface
 
     return parse
-
-
-def _address(text: str) -> Any:
-    try:
-        return ipaddress.ip_address(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an IP address") from None
 
 
 def _service(text: str) -> Endpoint:
@@ -90,16 +83,6 @@ def _service(text: str) -> Endpoint:
         raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
 
 
-def _dev(text: str) -> str:
-    if not valid_dev_name(text):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a valid interface name (1-15 characters)")
-    return text
-
-
-def _env(name: str, default: str | None = None) -> str | None:
-    return os.environ.get(name) or default
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="svctunnel", description="VXLAN tunnels into Kubernetes through a UDP Service")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -107,53 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("keygen", help="print a new random session key")
 
     agent = sub.add_parser("agent", help="run the pod end (settings also from SVCTUNNEL_* variables)")
-    agent.add_argument(
-        "--key-file",
-        default=_env("SVCTUNNEL_KEY_FILE"),
-        help="key file [SVCTUNNEL_KEY_FILE; or the key itself in SVCTUNNEL_KEY]",
-    )
-    agent.add_argument("--port", type=_port, default=_env("SVCTUNNEL_PORT", "5533"), help="UDP port [SVCTUNNEL_PORT]")
-    agent.add_argument(
-        "--peer",
-        type=_address,
-        default=_env("SVCTUNNEL_PEER"),
-        help="accept hellos only from this address [SVCTUNNEL_PEER]",
-    )
-    agent.add_argument(
-        "--underlay-dev",
-        type=_dev,
-        default=_env("SVCTUNNEL_UNDERLAY_DEV"),
-        help="device hellos arrive on and tunnels use [SVCTUNNEL_UNDERLAY_DEV]",
-    )
-    agent.add_argument(
-        "--max-skew",
-        type=_timeout,
-        default=_env("SVCTUNNEL_MAX_SKEW", "120"),
-        help="accepted clock difference in seconds [SVCTUNNEL_MAX_SKEW]",
-    )
-    agent.add_argument(
-        "--ready-file",
-        default=_env("SVCTUNNEL_READY_FILE"),
-        help="a file that exists while the tunnel is up, for a readiness probe [SVCTUNNEL_READY_FILE]",
-    )
-    agent.add_argument(
-        "--local-address",
-        type=_address,
-        default=_env("SVCTUNNEL_LOCAL_ADDRESS"),
-        help="the pod's address, for hellos seen before the node's DNAT (hostNetwork) [SVCTUNNEL_LOCAL_ADDRESS]",
-    )
-    agent.add_argument(
-        "--host-network",
-        action="store_true",
-        default=bool(_env("SVCTUNNEL_HOST_NETWORK")),
-        help="the agent runs in the node's own network namespace [SVCTUNNEL_HOST_NETWORK]",
-    )
-    agent.add_argument(
-        "--bridge",
-        type=_dev,
-        default=_env("SVCTUNNEL_BRIDGE"),
-        help="every network's device joins this Linux bridge [SVCTUNNEL_BRIDGE]",
-    )
+    agentsettings.add_arguments(agent)
 
     connect = sub.add_parser("connect", help="run the external end in the foreground")
     connect.add_argument("--service", type=_service, required=True, help="Service address ADDR[:PORT]")
@@ -202,30 +139,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _keygen(_args: argparse.Namespace) -> int:
-    print(keys.generate_key())
+    print(keys.key_text(keys.new_key()))
     return 0
 
 
-def _agent_key(key_file: str | None) -> bytes:
-    if key_file:
-        return keys.read_key_file(key_file)
-    if os.environ.get("SVCTUNNEL_KEY"):
-        return keys.parse_key(os.environ["SVCTUNNEL_KEY"], "SVCTUNNEL_KEY")
-    raise ConfigError("no key: give --key-file, or set SVCTUNNEL_KEY_FILE or SVCTUNNEL_KEY")
-
-
 def _agent(args: argparse.Namespace) -> int:
-    settings = AgentSettings(
-        key=_agent_key(args.key_file),
-        port=_port(str(args.port)),
-        peer=_address(args.peer) if isinstance(args.peer, str) else args.peer,
-        underlay_dev=args.underlay_dev,
-        max_skew_s=float(args.max_skew),
-        ready_file=Path(args.ready_file) if args.ready_file else None,
-        bridge=_dev(args.bridge) if args.bridge else None,
-        local_address=_address(args.local_address) if isinstance(args.local_address, str) else args.local_address,
-        host_network=bool(args.host_network),
-    )
+    settings = agentsettings.resolve(vars(args), os.environ)
     require_net_admin("svctunnel agent")
     return run_agent(settings)
 
@@ -271,15 +190,16 @@ def _connect(args: argparse.Namespace) -> int:
 
 
 def _lab(args: argparse.Namespace) -> int:
+    wanted = getattr(args, "run", None)
+    if wanted and not (names.RUN_ID.fullmatch(wanted) and (Run.existing(wanted).dir / "lab.json").exists()):
+        raise ConfigError(f"no lab with run id {wanted}; 'svctunnel lab status' lists them")
     require_net_admin("svctunnel lab")
     if args.lab_command == "up":
         run = Run.new()
         lab = Lab(run, port=args.port, rewrite_ports=not args.keep_ports)
-        key_file = run.dir / "key"
-        keys.write_key_file(key_file, keys.generate_key())
         lab.up()
         try:
-            lab.start_agent(key_file)
+            lab.start_agent(keys.new_key())
         except BaseException:
             lab.down()
             run.remove()
@@ -287,12 +207,10 @@ def _lab(args: argparse.Namespace) -> int:
         lab.agent.detach()  # the agent outlives this command; 'lab down' stops it by its pid
         run.detach()  # and so does the run: 'svctunnel reap' leaves it to 'lab down'
         print(lab.status())
-        print(f"connect: svctunnel connect --service {lab.plan.service(4)} --key-file {key_file}")
+        print(f"connect: svctunnel connect --service {lab.plan.service(4)} --key-file {lab.agent.key_file}")
         print(f"remove:  svctunnel lab down --run {run.id}")
         return 0
     runs = [Run.existing(args.run)] if args.run else list(lab_runs())
-    if args.run and not (runs[0].dir / "lab.json").exists():
-        raise ConfigError(f"no lab with run id {args.run}; 'svctunnel lab status' lists them")
     for run in runs:
         lab = Lab(run)
         if args.lab_command == "status":

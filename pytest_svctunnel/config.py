@@ -6,83 +6,30 @@ knows where each value came from (for the report header).
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from .backends.kubernetes.options import DEFAULT_IMAGE, SERVICE_TYPES
 from .errors import ConfigError
-from .protocol import IPAddress
+from .values import (
+    IPAddress,
+    choice,
+    parse_address,
+    parse_bool,
+    parse_ifname,
+    parse_misses,
+    parse_port,
+    parse_seconds,
+    parse_text,
+    parse_vni,
+)
 
 BACKENDS = ("kubernetes", "lab")
 KEEP = ("never", "on-failure", "always")
-SERVICE_TYPES = ("LoadBalancer", "NodePort")
-DEFAULT_IMAGE = "svctunnel-agent:0.1.0"  # built from the Dockerfile; a fixed tag, so KinD never pulls it
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 _DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")
-_IFNAME = re.compile(r"[^/\s:]{1,15}")
-
-
-def _number(text: str, cast: Callable[[str], float], what: str, low: int, high: int, low_open: bool) -> float:
-    try:
-        value = cast(text)
-    except ValueError:
-        kind = "a whole number" if cast is int else "a number"
-        raise ValueError(f"{what} {text!r} is not {kind}") from None
-    inside = low < value <= high if low_open else low <= value <= high  # also False for NaN
-    if not inside:
-        bounds = f"({low}, {high}]" if low_open else f"{low}..{high}"
-        raise ValueError(f"{what} {text!r} is outside {bounds}")
-    return value
-
-
-def parse_port(text: str) -> int:
-    """A UDP port, 1..65535; ValueError names the value and the range."""
-    return int(_number(text, int, "port", 1, 65535, False))
-
-
-def parse_vni(text: str) -> int:
-    """A VXLAN network identifier, 1..16777215."""
-    return int(_number(text, int, "VNI", 1, 0xFFFFFF, False))
-
-
-def parse_seconds(text: str) -> float:
-    """A deadline or interval in seconds, more than 0 and at most an hour."""
-    return _number(text, float, "seconds", 0, 3600, True)
-
-
-def parse_misses(text: str) -> int:
-    """How many keepalives in a row may go unanswered, 1..100."""
-    return int(_number(text, int, "misses", 1, 100, False))
-
-
-def _boolean(text: str) -> bool:
-    lowered = text.lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"{text!r} is not true or false")
-
-
-def _choice(choices: tuple[str, ...]) -> Callable[[str], str]:
-    def parse(text: str) -> str:
-        if text not in choices:
-            raise ValueError(f"choose one of {', '.join(choices)}")
-        return text
-
-    return parse
-
-
-def _peer(text: str) -> IPAddress:
-    return ipaddress.ip_address(text)
-
-
-def _text(text: str) -> str:
-    if not text:
-        raise ValueError("empty")
-    return text
 
 
 def _matching(pattern: re.Pattern[str], what: str) -> Callable[[str], str]:
@@ -96,7 +43,6 @@ def _matching(pattern: re.Pattern[str], what: str) -> Callable[[str], str]:
 
 parse_namespace = _matching(_DNS_LABEL, "a Kubernetes namespace name (lower-case letters, digits and '-', at most 63)")
 parse_node = _matching(_DNS_SUBDOMAIN, "a Kubernetes node name (lower-case letters, digits, '-' and '.')")
-parse_bridge = _matching(_IFNAME, "a Linux interface name (1 to 15 characters, no '/', ':' or spaces)")
 
 
 @dataclass(frozen=True)
@@ -124,26 +70,26 @@ class Option:
 OPTIONS: tuple[Option, ...] = (
     Option(
         "backend",
-        _choice(BACKENDS),
+        choice(BACKENDS),
         "kubernetes",
         "where the pod end runs: kubernetes (the cluster of the kubeconfig) or lab (namespaces on this host)",
     ),
-    Option("peer", _peer, None, "the address hellos must come from, as the pod sees it; others are ignored"),
+    Option("peer", parse_address, None, "the address hellos must come from, as the pod sees it; others are ignored"),
     Option("port", parse_port, "5533", "the Service's UDP port, also the pod end's listening port"),
     Option("vni", parse_vni, "333", "VNI of the default network"),
     Option("timeout", parse_seconds, "60", "deadline in seconds for each setup and teardown phase"),
-    Option("keep", _choice(KEEP), "never", "keep what the session built: never, on-failure or always"),
-    Option("underlay_dev", _text, None, "this host's device towards the Service (default: from the route)"),
+    Option("keep", choice(KEEP), "never", "keep what the session built: never, on-failure or always"),
+    Option("underlay_dev", parse_ifname, None, "this host's device towards the Service (default: from the route)"),
     Option("keepalive", parse_seconds, "5", "seconds between keepalives through the tunnel"),
     Option("misses", parse_misses, "3", "keepalives missed in a row before the path counts as dead"),
-    Option("reap", _boolean, "false", "at session start, remove what runs that are gone left behind"),
-    Option("kubeconfig", _text, None, "kubeconfig file (default: $KUBECONFIG, then ~/.kube/config)"),
-    Option("context", _text, None, "kubeconfig context (default: its current context)"),
+    Option("reap", parse_bool, "false", "at session start, remove what runs that are gone left behind"),
+    Option("kubeconfig", parse_text, None, "kubeconfig file (default: $KUBECONFIG, then ~/.kube/config)"),
+    Option("context", parse_text, None, "kubeconfig context (default: its current context)"),
     Option("namespace", parse_namespace, None, "namespace of the pod end (default: a fresh one per session)"),
-    Option("image", _text, DEFAULT_IMAGE, "image of the pod end; its entrypoint must be 'svctunnel'"),
-    Option("service_type", _choice(SERVICE_TYPES), "LoadBalancer", "the UDP Service's type: LoadBalancer or NodePort"),
+    Option("image", parse_text, DEFAULT_IMAGE, "image of the pod end; its entrypoint must be 'svctunnel'"),
+    Option("service_type", choice(SERVICE_TYPES), "LoadBalancer", "the UDP Service's type: LoadBalancer or NodePort"),
     Option("node", parse_node, None, "run the pod end with hostNetwork on this node: the networks land on the node"),
-    Option("bridge", parse_bridge, None, "with --svctunnel-node: each network's device joins this bridge on the node"),
+    Option("bridge", parse_ifname, None, "with --svctunnel-node: each network's device joins this bridge on the node"),
 )
 OPTION_BY_KEY = {o.key: o for o in OPTIONS}
 

@@ -19,7 +19,8 @@ from pyroute2 import IPRoute, NetNS
 from pyroute2.netlink.exceptions import NetlinkError
 
 from .errors import KernelError
-from .protocol import Endpoint, IPAddress
+from .protocol import Endpoint
+from .values import IPAddress
 from .waiting import Deadline, wait_for
 
 IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
@@ -335,6 +336,13 @@ def _delete(ipr: Any, name: str) -> None:
 def link_exists(netns: str | None, name: str) -> bool:
     with netlink(netns) as ipr:
         return _index(ipr, name) is not None
+
+
+def link_kind_of(netns: str | None, name: str) -> str | None:
+    """The kind of link ``name`` ("vxlan", "bridge", ...; "" for a plain one), or None if it does not exist."""
+    with netlink(netns) as ipr:
+        index = _index(ipr, name)
+        return None if index is None else link_kind(ipr.link("get", index=index)[0]) or ""
 
 
 def links_with_prefix(netns: str | None, prefix: str) -> list[str]:

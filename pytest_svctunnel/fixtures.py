@@ -9,7 +9,7 @@ import pytest
 
 from .errors import SvcTunnelError
 from .networks import Network
-from .state import PLUGIN_STATE
+from .stash import STASH
 
 if TYPE_CHECKING:
     from .session import Tunnel
@@ -23,7 +23,7 @@ def svctunnel(request: pytest.FixtureRequest) -> Iterator[Tunnel]:
     ``remote_ipv6``; ``networks`` (name -> Network, with "default" and every
     ``svctunnel_network`` mark of the session); ``service_address``; and ``peer``,
     the address and port the pod end learned. Teardown removes everything it made."""
-    state = request.config.stash[PLUGIN_STATE]
+    state = request.config.stash[STASH]
     if state.error is not None:
         raise pytest.UsageError(str(state.error))
     assert state.config is not None
@@ -31,10 +31,13 @@ def svctunnel(request: pytest.FixtureRequest) -> Iterator[Tunnel]:
 
     session = TunnelSession(state.config, state.networks, state.run_id)
     state.session = session
+    failure: SvcTunnelError | None = None
     try:
         tunnel = session.start()
     except SvcTunnelError as exc:
-        pytest.fail(f"svctunnel: {exc}", pytrace=False)
+        failure = exc
+    if failure is not None:  # outside the except: the report shows our line, not a chained traceback
+        pytest.fail(f"svctunnel: {failure}", pytrace=False)
     state.setup_note = f"tunnel ready in {session.stopwatch.render()}"
     yield tunnel
     note = session.stop(failed=request.session.testsfailed > 0)

@@ -1,4 +1,4 @@
-"""Session keys: generation and reading key files."""
+"""Session keys: bytes in memory; hex text in key files and Secrets."""
 
 from __future__ import annotations
 
@@ -12,9 +12,14 @@ KEY_BYTES = 32
 MIN_KEY_BYTES = 16
 
 
-def generate_key() -> str:
-    """A new random key as hex text, the format key files hold."""
-    return secrets.token_hex(KEY_BYTES)
+def new_key() -> bytes:
+    """A new random session key."""
+    return secrets.token_bytes(KEY_BYTES)
+
+
+def key_text(key: bytes) -> str:
+    """A key as the hex text that key files, ``svctunnel keygen`` and Secrets hold."""
+    return key.hex()
 
 
 def parse_key(text: str, source: str) -> bytes:
@@ -44,8 +49,8 @@ def read_key_file(path: str | Path) -> bytes:
     return parse_key(text, f"key file {file}")
 
 
-def write_key_file(path: Path, key_hex: str) -> None:
+def write_key_file(path: Path, key: bytes) -> None:
     """Write a key file readable by its owner only."""
     path.touch(mode=0o600, exist_ok=True)
     path.chmod(0o600)
-    path.write_text(key_hex + "\n", encoding="ascii")
+    path.write_text(key_text(key) + "\n", encoding="ascii")

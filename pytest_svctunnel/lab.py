@@ -17,32 +17,28 @@ root-namespace link is named with the run id, and ``down`` removes them all.
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
 import socket
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import device, netns, nft, pids
-from .errors import LabError, SvcTunnelError
-from .process import AgentProcess
-from .protocol import Endpoint, IPAddress
+from . import device, names, netns, nft
+from .agentsettings import AgentSettings
+from .hostobjects import remove_run_objects
+from .labagent import LabAgent
+from .protocol import Endpoint
 from .runs import Run, all_runs
 from .shield import shield
-from .waiting import Deadline, wait_for
+from .values import IPAddress
+from .waiting import Deadline
 
 ROLES = ("home", "wan", "node", "pod")
 _LAB_FILE = "lab.json"
-NETNS_DIR = Path("/run/netns")  # where named network namespaces live
 NAT_PORTS = (20000, 29999)
 _FORWARDING = {"net.ipv4.ip_forward": "1", "net.ipv6.conf.all.forwarding": "1"}
 NO_DAD = {"net.ipv6.conf.all.accept_dad": "0", "net.ipv6.conf.default.accept_dad": "0"}
-
-
-def namespace_name(run_id: str, role: str) -> str:
-    return f"svt-{run_id}-{role}"
 
 
 @dataclass(frozen=True)
@@ -55,15 +51,11 @@ class LabPlan:
     rewrite_ports: bool = True
 
     def ns(self, role: str) -> str:
-        return namespace_name(self.run_id, role)
+        return names.netns_name(self.run_id, role)
 
     @property
     def lan_link(self) -> str:
-        return f"svt{self.run_id}-lan"
-
-    @property
-    def link_prefix(self) -> str:
-        return f"svt{self.run_id}-"
+        return names.link_name(self.run_id, "lan")
 
     def v4(self, host: int) -> ipaddress.IPv4Address:
         return ipaddress.IPv4Address(f"198.18.{self.block}.{host}")
@@ -188,7 +180,7 @@ class Lab:
             self.plan = LabPlan(run.id, int(saved["block"]), int(saved["port"]), bool(saved["rewrite_ports"]))
         else:
             self.plan = LabPlan(run.id, pick_block(run.id), port, rewrite_ports)
-        self.agent = AgentProcess(run, self.plan.ns("pod"))
+        self.agent = LabAgent(run, self.plan.ns("pod"))
 
     # -- building --------------------------------------------------------------
 
@@ -248,11 +240,10 @@ class Lab:
 
     # -- the pod end -------------------------------------------------------------
 
-    def start_agent(
-        self, key_file: Path, peer: IPAddress | None = None, timeout: float = 30.0, extra: Sequence[str] = ()
-    ) -> AgentProcess:
-        """Start ``svctunnel agent`` in the pod namespace; returns once it listens."""
-        self.agent.start(key_file, self.plan.port, peer, timeout, extra)
+    def start_agent(self, key: bytes, peer: IPAddress | None = None, timeout: float = 30.0) -> LabAgent:
+        """Start ``svctunnel agent`` in the pod namespace with ``key`` (written to ``agent.key_file``)
+        on the lab's port; returns once it listens."""
+        self.agent.start(AgentSettings(key=key, port=self.plan.port, peer=peer), timeout)
         return self.agent
 
     def stop_agent(self, timeout: float = 10.0) -> None:
@@ -270,7 +261,7 @@ class Lab:
         """Stop the agent and anything else running in the lab, remove every namespace and link of
         the run, and wait until gone. SIGINT, SIGTERM and SIGALRM wait until this is done."""
         with shield():
-            remove_run_objects(self.run.id, self.agent, Deadline.after(timeout))
+            remove_run_objects(self.run, Deadline.after(timeout))
 
     def exists(self) -> bool:
         return any(netns.exists(self.plan.ns(r)) for r in ROLES)
@@ -297,45 +288,6 @@ class Lab:
             f"agent pid {pid if self.agent.alive() else '-'}; log {self.agent.log_path}",
         ]
         return "\n".join(lines)
-
-
-def remove_run_objects(run_id: str, agent: AgentProcess, deadline: Deadline) -> None:
-    """Remove what a lab run made on this host, found by its id alone (also without lab.json):
-    its agent, every process in its namespaces, the namespaces ``svt-<id>-*`` and this
-    namespace's links ``svt<id>-*``. Gone already is success; LabError names what is left."""
-    errors: list[str] = []
-    with contextlib.suppress(SvcTunnelError, OSError):  # what survives is stopped with the namespaces' processes
-        agent.stop(min(deadline.remaining(), 10.0))
-    names = sorted({*netns.listing(f"svt-{run_id}-"), *(namespace_name(run_id, role) for role in ROLES)})
-    identities = {ident for name in names if (ident := pids.netns_id(NETNS_DIR / name)) is not None}
-    _stop_processes_in(identities, deadline)
-    for name in names:
-        try:
-            netns.remove(name)
-        except SvcTunnelError as exc:
-            errors.append(str(exc))
-    prefix = f"svt{run_id}-"
-    for name in device.links_with_prefix(None, prefix):
-        device.delete_link(None, name)
-    # again: a process may have entered a namespace between the first look and its removal
-    if stuck := _stop_processes_in(identities, deadline):
-        errors.append(f"processes {', '.join(str(p.pid) for p in stuck)} in its namespaces survived SIGKILL")
-    wait_for(
-        lambda: None if device.links_with_prefix(None, prefix) else True,
-        phase="lab removal",
-        deadline=deadline,
-        describe=lambda: f"links still there: {device.links_with_prefix(None, prefix)}",
-    )
-    if errors:
-        raise LabError(
-            f"removing lab {run_id}: " + "; ".join(errors) + "; everything left carries the run id:"
-            " 'svctunnel reap' removes it once this process has exited"
-        )
-
-
-def _stop_processes_in(namespaces: set[tuple[int, int]], deadline: Deadline) -> list[pids.ProcessRef]:
-    """Stop every process in the given network namespaces; returns those that would not exit."""
-    return pids.terminate(pids.in_netns(namespaces), deadline)
 
 
 def lab_runs() -> Iterator[Run]:

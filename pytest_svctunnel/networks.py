@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from .errors import ConfigError
-from .protocol import PodNetwork, valid_dev_name
+from .protocol import PodNetwork
 
 DEFAULT_NAME = "default"
 DEFAULT_VNI = 333
@@ -210,15 +210,6 @@ def _check_vnis(default_vni: int, requests: Sequence[NetworkRequest]) -> None:
                 " give each its own vni= (the default network's is --svctunnel-vni)"
             )
         owner[req.vni] = req.name
-
-
-def device_names(prefix: str, count: int = 16) -> list[str]:
-    """Unique device names for one run: ``<prefix>0``, ``<prefix>1``, ..."""
-    names = [f"{prefix}{i}" for i in range(count)]
-    bad = [n for n in names if not valid_dev_name(n)]
-    if bad:
-        raise ConfigError(f"device name {bad[0]!r} is not a valid interface name (at most 15 characters)")
-    return names
 
 
 def single_network(

@@ -12,10 +12,11 @@ from . import interrupts
 from .config import OPTIONS, resolve
 from .errors import ConfigError
 from .fixtures import svctunnel, svctunnel_network, svctunnel_networks
-from .networks import NetworkRequest, device_names, parse_request, plan_networks
-from .runs import Run, new_run_id
+from .names import device_names, new_run_id
+from .networks import NetworkRequest, parse_request, plan_networks
+from .runs import Run
 from .shield import shield
-from .state import PLUGIN_STATE, PluginState
+from .stash import STASH, PluginStash
 
 __all__ = ["svctunnel", "svctunnel_network", "svctunnel_networks"]
 
@@ -44,8 +45,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", _MARKER_DOC)
-    state = PluginState(run_id=new_run_id())
-    config.stash[PLUGIN_STATE] = state
+    state = PluginStash(run_id=new_run_id())
+    config.stash[STASH] = state
     cli = {o.key: config.getoption(f"svctunnel_{o.key}") for o in OPTIONS}
     ini = {o.key: str(config.getini(o.ini) or "") or None for o in OPTIONS}
     try:
@@ -74,7 +75,7 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 def pytest_sessionstart(session: pytest.Session) -> None:
     """--svctunnel-reap: remove what runs that are gone left behind, one terminal line per run."""
-    state = session.config.stash.get(PLUGIN_STATE, None)
+    state = session.config.stash.get(STASH, None)
     if state is None or state.config is None or not state.config.reap:
         return
     from .reaper import reap_for_session  # netlink loads only when reaping is asked for
@@ -95,7 +96,7 @@ def pytest_sessionfinish(session: pytest.Session) -> Generator[None, None, None]
 
 
 def _finish_run(session: pytest.Session) -> None:
-    state = session.config.stash.get(PLUGIN_STATE, None)
+    state = session.config.stash.get(STASH, None)
     if state is None or state.session is None:
         return
     tunnel_session, state.session = state.session, None
@@ -122,14 +123,14 @@ def _write_line(config: pytest.Config, line: str) -> None:
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
-    state = config.stash.get(PLUGIN_STATE, None)
+    state = config.stash.get(STASH, None)
     if state is None or state.config is None:
         return []
     return [f"svctunnel: run {state.run_id}; " + ", ".join(state.config.describe())]
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    state = config.stash[PLUGIN_STATE]
+    state = config.stash[STASH]
     if state.config is None:
         return
     requests: list[NetworkRequest] = []
@@ -137,7 +138,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         for item in items:
             for mark in item.iter_markers(MARKER):
                 requests.append(_request(mark, item.nodeid))
-        state.networks = plan_networks(state.config.vni, requests, device_names(f"svt{state.run_id}-"))
+        state.networks = plan_networks(state.config.vni, requests, device_names(state.run_id))
     except ConfigError as exc:
         raise pytest.UsageError(f"svctunnel: {exc}") from None
 
@@ -159,7 +160,7 @@ def pytest_runtest_makereport(
     item: pytest.Item, call: pytest.CallInfo[None]
 ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
     report = yield
-    state = item.config.stash.get(PLUGIN_STATE, None)
+    state = item.config.stash.get(STASH, None)
     uses_tunnel = TUNNEL_FIXTURES & set(getattr(item, "fixturenames", ()))
     if report.failed and uses_tunnel and state is not None and state.session is not None:
         report.sections.append(("svctunnel diagnostics", state.session.diagnostics()))
@@ -167,7 +168,7 @@ def pytest_runtest_makereport(
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
-    state = config.stash.get(PLUGIN_STATE, None)
+    state = config.stash.get(STASH, None)
     if state is None:
         return
     for note in (state.setup_note, state.kept_note):

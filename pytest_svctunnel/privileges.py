@@ -7,7 +7,6 @@ from pathlib import Path
 from .errors import PrivilegeError
 
 CAP_NET_ADMIN = 12
-CAP_NET_RAW = 13
 
 
 def effective_caps(status: str | None = None) -> int:

@@ -9,7 +9,7 @@ import struct
 import time
 
 from .packets import _checksum
-from .protocol import IPAddress
+from .values import IPAddress
 
 _ECHO = {4: (8, 0), 6: (128, 129)}  # request type, reply type
 _REPLY = {4: 0, 6: 129}

@@ -24,11 +24,12 @@ import ipaddress
 import struct
 from dataclasses import dataclass
 
+from .values import IPAddress, ifname_problem
+
 MAGIC = b"SVTN"
 VERSION = 1
 MAC_LEN = 32
 MAX_NETWORKS = 16
-MAX_DEV_NAME = 15
 NONCE_LEN = 16
 SESSION_LEN = 8
 
@@ -40,8 +41,6 @@ _ABSENT = 0xFF
 
 HEADER_LEN = _HEADER.size
 MAX_DATAGRAM = HEADER_LEN + 3 + MAX_NETWORKS * _NETWORK.size + _LIVENESS.size + MAC_LEN
-
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 class MsgType(enum.IntEnum):
@@ -242,19 +241,8 @@ def _validate_liveness(keepalive_ms: int, misses: int) -> None:
 def _validate_network(net: PodNetwork) -> None:
     if not 1 <= net.vni <= 0xFFFFFF:
         raise ValueError(f"VNI {net.vni} is outside 1..16777215")
-    if not valid_dev_name(net.dev):
-        raise ValueError(f"device name {net.dev!r} is not a valid interface name")
-
-
-def valid_dev_name(name: str) -> bool:
-    """Linux interface names: 1..15 printable ASCII, no '/', ':' or white space."""
-    return (
-        0 < len(name) <= MAX_DEV_NAME
-        and name.isascii()
-        and name.isprintable()
-        and not any(c in name for c in "/: \t")
-        and name not in (".", "..")
-    )
+    if (problem := ifname_problem(net.dev)) is not None:
+        raise ValueError(f"device name {net.dev!r} is not a valid interface name: {problem}")
 
 
 # -- decoding -----------------------------------------------------------------

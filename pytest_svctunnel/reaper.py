@@ -13,63 +13,20 @@ listed. Running it twice is harmless; what is already gone counts as removed.
 
 from __future__ import annotations
 
-import re
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from . import device, netns, pids
+from . import device, names, netns
 from .errors import PrivilegeError, SvcTunnelError
-from .lab import NETNS_DIR, namespace_name, remove_run_objects
+from .hostobjects import Leftovers, remove_run_objects
 from .privileges import require_net_admin
-from .process import AgentProcess
 from .runs import KUBE_FILE, Liveness, Run, all_runs, state_root
 from .shield import shield
 from .waiting import Deadline
 
-RUN_ID = re.compile(r"[0-9a-f]{6}")
-_NAMESPACE = re.compile(r"svt-(?P<run>[0-9a-f]{6})-")
-_LINK = re.compile(r"svt(?P<run>[0-9a-f]{6})-")
 DEFAULT_TIMEOUT_S = 30.0
-
-
-@dataclass(frozen=True)
-class Leftovers:
-    """What exists of one run on this host right now."""
-
-    namespaces: tuple[str, ...]
-    links: tuple[str, ...]
-    processes: tuple[int, ...]
-    cluster: str = ""  # the Kubernetes objects it recorded
-
-    @classmethod
-    def of(cls, run: Run) -> Leftovers:
-        namespaces = tuple(netns.listing(f"svt-{run.id}-"))
-        identities = {ident for name in namespaces if (ident := pids.netns_id(NETNS_DIR / name))}
-        agent = AgentProcess(run, namespace_name(run.id, "pod"))
-        found = {ref.pid for ref in pids.in_netns(identities)}
-        if agent.alive() and agent.pid is not None:
-            found.add(agent.pid)
-        record = run.read(KUBE_FILE)
-        return cls(
-            namespaces,
-            tuple(device.links_with_prefix(None, f"svt{run.id}-")),
-            tuple(sorted(found)),
-            _cluster_objects(record) if record is not None else "",
-        )
-
-    def describe(self) -> str:
-        parts = [
-            f"{label} {', '.join(map(str, items))}"
-            for label, items in (
-                ("namespaces", self.namespaces),
-                ("links", self.links),
-                ("processes", self.processes),
-            )
-            if items
-        ]
-        if self.cluster:
-            parts.append(f"Kubernetes {self.cluster}")
-        return "; ".join(parts) if parts else "only its state directory"
 
 
 @dataclass(frozen=True)
@@ -109,7 +66,7 @@ class Reaper:
         """Every run under the state root (named like a run id) with its liveness and the decision."""
         out = []
         for run in all_runs():
-            if RUN_ID.fullmatch(run.id):
+            if names.RUN_ID.fullmatch(run.id):
                 liveness = run.liveness()
                 detached_and_done = self.include_detached and liveness.detached and not liveness.owner_alive
                 out.append(Verdict(run, liveness, liveness.gone or detached_and_done))
@@ -123,7 +80,7 @@ class Reaper:
             if not verdict.reap:
                 report.left_alone.append(f"left alone: run {verdict.run.id} ({verdict.liveness.reason})")
             elif dry_run:
-                found = Leftovers.of(verdict.run)
+                found = leftovers(verdict.run)
                 report.reaped.append(f"would reap run {verdict.run.id} ({verdict.liveness.reason}): {found.describe()}")
             else:
                 self._reap_one(verdict, report)
@@ -141,17 +98,17 @@ class Reaper:
 
     def orphans(self, known: set[str]) -> list[str]:
         """Notes on objects named for runs without a state directory here: never touched."""
-        names: dict[str, list[str]] = {}
-        for name in netns.listing("svt-"):
-            if (match := _NAMESPACE.match(name)) and match["run"] not in known:
-                names.setdefault(match["run"], []).append(name)
-        for name in device.links_with_prefix(None, "svt"):
-            if (match := _LINK.match(name)) and match["run"] not in known:
-                names.setdefault(match["run"], []).append(name)
+        found_by_run: dict[str, list[str]] = {}
+        for name in netns.listing(names.NETNS_PREFIX):
+            if (run_id := names.run_of_netns(name)) and run_id not in known:
+                found_by_run.setdefault(run_id, []).append(name)
+        for name in device.links_with_prefix(None, names.LINK_PREFIX):
+            if (run_id := names.run_of_link(name)) and run_id not in known:
+                found_by_run.setdefault(run_id, []).append(name)
         return [
             f"not touched: {', '.join(found)} (run {run_id} has no state directory under {self.root};"
             " another state root's, see SVCTUNNEL_STATE_DIR)"
-            for run_id, found in sorted(names.items())
+            for run_id, found in sorted(found_by_run.items())
         ]
 
 
@@ -159,18 +116,25 @@ def reap_run(run: Run, deadline: Deadline) -> Leftovers:
     """Remove everything of one run and then its state directory; returns what there was.
     SIGINT, SIGTERM and SIGALRM wait until it is done. The state directory stays if removal failed."""
     with shield():
-        found = Leftovers.of(run)
-        remove_run_objects(run.id, AgentProcess(run, namespace_name(run.id, "pod")), deadline)
+        found = leftovers(run)
+        remove_run_objects(run, deadline)
         record = run.read(KUBE_FILE)
         if record is not None:
-            from .kubebackend import delete_recorded  # the kubernetes client loads only for such runs
+            from .backends.kubernetes.cleanup import delete_recorded  # the client loads only for such runs
 
             delete_recorded(record, deadline)
         run.remove()
     return found
 
 
-def _cluster_objects(record: dict[str, object]) -> str:
+def leftovers(run: Run) -> Leftovers:
+    """What the run left on this host, and the Kubernetes objects it recorded."""
+    found = Leftovers.of(run)
+    record = run.read(KUBE_FILE)
+    return dataclasses.replace(found, cluster=_cluster_objects(record)) if record is not None else found
+
+
+def _cluster_objects(record: dict[str, Any]) -> str:
     namespace, selector = record.get("namespace"), record.get("selector")
     return (
         f"namespace {namespace}" if record.get("owns_namespace") else f"objects -l {selector} in namespace {namespace}"

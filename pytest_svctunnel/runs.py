@@ -1,7 +1,9 @@
 """Run identity: every namespace, link and object a run creates carries its id.
 
-A run's state directory holds its key, agent log and lab description, so that
-``svctunnel lab down`` (or a reaper) can find exactly what the run made. Its owner
+A run's state directory (on disk, under the state root) holds its owner record, and what
+its parts record there: the lab's description, key and agent log, the Kubernetes objects
+of a kubernetes backend run. ``svctunnel lab down`` and the reaper find a run by it; the
+names of what a run creates come from its id (``names``). Its owner
 record (``owner.json``: pid, the pid's start time, and whether the run is detached)
 tells whether the run is gone: not detached, and its owner process no longer runs.
 """
@@ -10,18 +12,17 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .names import new_run_id
 from .pids import ProcessRef
 
 STATE_ENV = "SVCTUNNEL_STATE_DIR"
 _DEFAULT_ROOT = "/run/svctunnel"
-_JOURNAL = "runs.journal"
 OWNER_FILE = "owner.json"
 KUBE_FILE = "kube.json"  # the cluster objects of a kubernetes backend run, for reaping
 # a state directory without an owner record is being created, unless it has not changed for this long
@@ -88,16 +89,9 @@ class Run:
         root.mkdir(parents=True, exist_ok=True, mode=0o700)
         path = root / run_id
         path.mkdir(mode=0o700)
-        with (root / _JOURNAL).open("a", encoding="ascii") as journal:
-            journal.write(run_id + "\n")
         run = cls(run_id, path)
         run.write(OWNER_FILE, Owner(ProcessRef.current()).to_json())
         return run
-
-    @property
-    def link_prefix(self) -> str:
-        """Every link this run creates in a shared namespace starts with this."""
-        return f"svt{self.id}-"
 
     @classmethod
     def existing(cls, run_id: str) -> Run:
@@ -146,18 +140,6 @@ class Run:
         if idle < OWNERLESS_GRACE_S:
             return Liveness(True, False, f"no owner record yet, changed {idle:.0f} s ago (being created)")
         return Liveness(False, False, f"no owner record, unchanged for {idle:.0f} s")
-
-
-def new_run_id() -> str:
-    return secrets.token_hex(3)
-
-
-def journaled_ids() -> list[str]:
-    """Every run id ever created under this state root, removed runs included."""
-    try:
-        return (state_root() / _JOURNAL).read_text(encoding="ascii").split()
-    except FileNotFoundError:
-        return []
 
 
 def all_runs() -> list[Run]:

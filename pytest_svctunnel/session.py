@@ -7,26 +7,21 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import os
-import signal
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass
-from pathlib import Path
 from types import MappingProxyType
-from typing import Protocol
 
-from . import diagnostics, keys
+from . import diagnostics, keys, names
+from .backends import Backend, make_backend
 from .config import TunnelConfig
 from .connector import Connection, ConnectSettings, ExternalEnd
-from .errors import LabError
-from .lab import Lab
 from .networks import DEFAULT_NAME, Network
 from .privileges import require_net_admin
-from .protocol import Endpoint, IPAddress
+from .protocol import Endpoint
 from .runs import Run
 from .shield import shield
+from .values import IPAddress
 from .waiting import Deadline, Stopwatch
 
 log = logging.getLogger("svctunnel.session")
@@ -79,78 +74,6 @@ class Tunnel:
         return self.default.remote_ipv6
 
 
-class Backend(Protocol):
-    """Where the pod end runs. ``deploy`` returns the Service address to send hellos to."""
-
-    def deploy(self, key_file: Path, peer: IPAddress | None, deadline: Deadline, stopwatch: Stopwatch) -> Endpoint: ...
-
-    def teardown(self, deadline: Deadline) -> None: ...
-
-    def check(self) -> None:
-        """Raise if the pod end can no longer answer (it exited, or keeps crashing)."""
-
-    def diagnostics(self) -> list[tuple[str, str]]: ...
-
-    def describe_kept(self) -> str: ...
-
-
-class LabBackend:
-    """The built-in lab as a backend: namespaces on this host, agent in the pod namespace."""
-
-    def __init__(self, run: Run, port: int) -> None:
-        self.lab = Lab(run, port=port)
-
-    def deploy(self, key_file: Path, peer: IPAddress | None, deadline: Deadline, stopwatch: Stopwatch) -> Endpoint:
-        self.lab.up(timeout=deadline.remaining())
-        stopwatch.lap("lab up")
-        self.lab.start_agent(key_file, peer=peer, timeout=deadline.remaining())
-        stopwatch.lap("agent listening")
-        return self.lab.plan.service(4)
-
-    def teardown(self, deadline: Deadline) -> None:
-        self.lab.down(timeout=max(deadline.remaining(), 1.0))
-
-    def check(self) -> None:
-        if not self.lab.agent.alive():
-            raise LabError(f"the agent in the lab's pod exited; its log ends:\n{self.lab.log_tail(20)}")
-
-    def diagnostics(self) -> list[tuple[str, str]]:
-        _ask_for_status(self.lab.agent.pid, self.lab.log_text)
-        return [
-            diagnostics.safely("agent log (pod end)", lambda: self.lab.log_tail(40)),
-            diagnostics.safely("pod end links", lambda: self.lab.link_report("pod")),
-        ]
-
-    def describe_kept(self) -> str:
-        run_id = self.lab.run.id
-        return (
-            f"lab kept: inspect with 'svctunnel lab status --run {run_id}',"
-            f" remove with 'svctunnel lab down --run {run_id}'"
-        )
-
-
-def _ask_for_status(pid: int | None, log_text: Callable[[], str]) -> None:
-    """SIGUSR1 makes the agent log its state and counters; wait briefly for the line."""
-    if pid is None:
-        return
-    before = log_text().count("status: ")
-    try:
-        os.kill(pid, signal.SIGUSR1)
-    except ProcessLookupError:
-        return
-    deadline = Deadline.after(1.0)
-    while log_text().count("status: ") == before and not deadline.expired():
-        time.sleep(0.02)
-
-
-def make_backend(config: TunnelConfig, run: Run) -> Backend:
-    if config.backend == "lab":
-        return LabBackend(run, config.port)
-    from .kubebackend import KubernetesBackend  # the kubernetes client loads only for this backend
-
-    return KubernetesBackend(run, config)
-
-
 class TunnelSession:
     """Builds the tunnel of one test session and removes it again.
 
@@ -191,15 +114,13 @@ class TunnelSession:
         timeout = self.config.timeout
         run = self._run = Run.create(self.run_id)
         self._stack.push(self._forget_run_when_clean)
-        key_hex = keys.generate_key()
-        key_file = run.dir / "key"
-        keys.write_key_file(key_file, key_hex)
+        key = keys.new_key()
         backend = self._backend = make_backend(self.config, run)
         self._stack.callback(lambda: backend.teardown(Deadline.after(timeout)))
-        service = backend.deploy(key_file, self.config.peer, Deadline.after(timeout), self.stopwatch)
+        service = backend.deploy(key, Deadline.after(timeout), self.stopwatch)
         settings = ConnectSettings(
             service,
-            keys.parse_key(key_hex, "session key"),
+            key,
             self.networks,
             timeout,
             self.config.underlay_dev,
@@ -234,7 +155,9 @@ class TunnelSession:
         """Agent log tail and both ends' link state, or the snapshot taken when setup failed."""
         if self._snapshot is not None:
             return self._snapshot
-        parts = [diagnostics.safely("external end links", lambda: diagnostics.local_links(f"svt{self.run_id}-"))]
+        parts = [
+            diagnostics.safely("external end links", lambda: diagnostics.local_links(names.link_prefix(self.run_id)))
+        ]
         if self._end is not None:
             parts.append(("external end status", self._end.status.render()))
         if self._backend is not None:

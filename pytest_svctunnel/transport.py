@@ -13,7 +13,7 @@ import socket
 import struct
 from types import TracebackType
 
-from .errors import PrivilegeError
+from .errors import KernelError, PrivilegeError
 from .packets import ETH_P_ALL, UdpDatagram, build_udp, hello_filter, parse_udp
 from .protocol import Endpoint
 
@@ -34,9 +34,14 @@ class HelloTap:
         except PermissionError:
             raise PrivilegeError("opening the hello socket needs CAP_NET_RAW; give the agent NET_RAW") from None
         self._sock = sock
-        self._program = _attach_filter(sock, port)
-        if ifname:
-            sock.bind((ifname, ETH_P_ALL))
+        try:
+            self._program = _attach_filter(sock, port)
+            if ifname:
+                sock.bind((ifname, ETH_P_ALL))
+        except OSError as exc:
+            sock.close()
+            on = f" on {ifname}" if ifname else ""
+            raise KernelError(f"cannot listen for hellos{on}: {exc.strerror or exc}; check --underlay-dev") from None
         self._drain()
 
     def _drain(self) -> None:

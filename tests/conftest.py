@@ -3,56 +3,53 @@
 from __future__ import annotations
 
 import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from pytest_svctunnel import device, keys, netns
+from pytest_svctunnel import keys, names
 from pytest_svctunnel.lab import Lab
-from pytest_svctunnel.runs import STATE_ENV, Run, journaled_ids
+from pytest_svctunnel.runs import STATE_ENV, Run
 
-from .helpers import Connect
+from .dirwatch import DirectoryWatch
+from .helpers import Connect, leftovers
 
 pytest_plugins = ["pytester"]
+ROOT_RULE = "needs root and network namespaces"
 
 
-def _can_use_netns() -> bool:
+def can_use_netns() -> bool:
     return os.geteuid() == 0 and Path("/proc/self/ns/net").exists()
 
 
-@pytest.fixture(autouse=True)
-def _root_rule(request: pytest.FixtureRequest) -> None:
-    """Tests marked ``root`` skip without root locally, and fail in CI (where CI is set)."""
-    if request.node.get_closest_marker("root") is None or _can_use_netns():
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """The root rule, before any fixture of the test (module- and session-scoped ones too): a test
+    marked ``root`` skips without root locally, and fails where CI is set."""
+    if item.get_closest_marker("root") is None or can_use_netns():
         return
-    message = "needs root and network namespaces"
     if os.environ.get("CI"):
-        pytest.fail(f"{message}, but CI runs without them: run .ci/run as root", pytrace=False)
-    pytest.skip(message)
-
-
-def _leftovers(state_dir: Path) -> list[str]:
-    """Namespaces, links and processes of the runs journaled under ``state_dir`` that still exist."""
-    found: list[str] = []
-    for run_id in journaled_ids():
-        found += netns.listing(f"svt-{run_id}-")
-        found += device.links_with_prefix(None, f"svt{run_id}-")
-    procs = subprocess.run(["pgrep", "-af", str(state_dir)], capture_output=True, text=True).stdout
-    found += [line for line in procs.splitlines() if "pgrep" not in line]
-    return found
+        pytest.fail(f"{ROOT_RULE}, but CI runs without them: run .ci/run as root", pytrace=False)
+    pytest.skip(ROOT_RULE)
 
 
 @pytest.fixture(scope="session", autouse=True)
 def _nothing_leaked(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """The suite's runs get their own state directory (inherited by pytester subprocesses);
-    at the end, no namespace, link or process of any of those runs may remain."""
+    at the end, no namespace, link, agent or state directory of any run made in it may remain.
+    Which runs those were comes from the kernel (inotify on the state directory), and what is
+    left from listing the kernel's objects by name: neither from the code under test."""
     state_dir = tmp_path_factory.mktemp("svctunnel-state")
     os.environ[STATE_ENV] = str(state_dir)
+    watch = DirectoryWatch(state_dir)
     yield
-    if _can_use_netns():
-        leaked = _leftovers(state_dir)
+    try:
+        run_ids = sorted(name for name in watch.created() if names.RUN_ID.fullmatch(name))
+    finally:
+        watch.close()
+    if can_use_netns():
+        leaked = {run_id: left for run_id in run_ids if any((left := leftovers(run_id, state_dir)).values())}
         assert not leaked, f"left behind by this test session: {leaked}"
 
 
@@ -67,13 +64,20 @@ def run() -> Iterator[Run]:
 @pytest.fixture
 def dev(run: Run) -> str:
     """A tunnel device name unique to this test's run."""
-    return run.link_prefix + "t0"
+    return names.link_name(run.id, "t0")
 
 
 @pytest.fixture
-def key_file(run: Run) -> Path:
-    path = run.dir / "key"
-    keys.write_key_file(path, keys.generate_key())
+def key() -> bytes:
+    """A fresh session key."""
+    return keys.new_key()
+
+
+@pytest.fixture
+def key_file(run: Run, key: bytes) -> Path:
+    """``key`` in a file, for ``svctunnel connect`` (the lab writes its agent's copy itself)."""
+    path = run.dir / "connect.key"
+    keys.write_key_file(path, key)
     return path
 
 

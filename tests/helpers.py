@@ -1,4 +1,4 @@
-"""Helpers for tests that drive real processes: the CLI, ping."""
+"""Helpers for tests that drive real processes: the CLI, ping; and an independent leak listing."""
 
 from __future__ import annotations
 
@@ -10,7 +10,12 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
+
+from pytest_svctunnel import names
 
 
 def agent_pids(run_id: str, root: Path) -> list[str]:
@@ -20,11 +25,14 @@ def agent_pids(run_id: str, root: Path) -> list[str]:
 
 
 def leftovers(run_id: str, root: Path) -> dict[str, list[str]]:
-    """Everything of one run that exists: namespaces, links here, agent processes, state directory."""
+    """Everything of one run that exists: namespaces, links here, agent processes, state directory.
+    Listed from the kernel's own files (independent of the code under test)."""
     netns_dir = Path("/run/netns")
     return {
-        "namespaces": sorted(p.name for p in netns_dir.glob(f"svt-{run_id}-*")) if netns_dir.is_dir() else [],
-        "links": sorted(p.name for p in Path("/sys/class/net").glob(f"svt{run_id}-*")),
+        "namespaces": sorted(p.name for p in netns_dir.glob(f"{names.netns_prefix(run_id)}*"))
+        if netns_dir.is_dir()
+        else [],
+        "links": sorted(p.name for p in Path("/sys/class/net").glob(f"{names.link_prefix(run_id)}*")),
         "agents": agent_pids(run_id, root),
         "state dir": [str(root / run_id)] if (root / run_id).exists() else [],
     }
@@ -48,13 +56,23 @@ def svctunnel_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "pytest_svctunnel", *args]
 
 
+def wait_until(check: Callable[[], object], what: str, seconds: float = 60.0, interval: float = 0.01) -> None:
+    """Poll ``check`` until it is true; an AssertionError naming ``what`` after ``seconds``."""
+    end = time.monotonic() + seconds
+    while not check():
+        assert time.monotonic() < end, f"not within {seconds:g} s: {what}"
+        time.sleep(interval)
+
+
 class Connect:
-    """A running ``svctunnel connect`` process (optionally inside a namespace)."""
+    """A running ``svctunnel connect`` process (optionally inside a namespace); its log (stderr)
+    goes to a file, readable while it runs."""
 
     def __init__(self, args: list[str], ns: str | None = None) -> None:
         prefix = ["ip", "netns", "exec", ns] if ns else []
+        self._log = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the process, read after it
         self.proc = subprocess.Popen(
-            prefix + svctunnel_cmd("connect", *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            prefix + svctunnel_cmd("connect", *args), stdout=subprocess.PIPE, stderr=self._log, text=True
         )
 
     def ready_line(self, timeout: float = 30.0) -> str:
@@ -68,8 +86,14 @@ class Connect:
         raise AssertionError(f"no ready line; exit {self.proc.returncode}; stderr:\n{self.stderr()}")
 
     def stderr(self) -> str:
-        assert self.proc.stderr is not None
-        return self.proc.stderr.read() if self.proc.poll() is not None else ""
+        """Its log so far."""
+        return os.pread(self._log.fileno(), 1 << 20, 0).decode(errors="replace")
+
+    def wait_log(self, needle: str, seconds: float = 30.0) -> str:
+        """Its log once ``needle`` is in it; an AssertionError with the log if it does not come."""
+        wait_until(lambda: needle in self.stderr() or self.proc.poll() is not None, f"{needle!r} in the log", seconds)
+        assert needle in self.stderr(), f"exit {self.proc.returncode} before {needle!r}:\n{self.stderr()}"
+        return self.stderr()
 
     def stop(self) -> int:
         if self.proc.poll() is None:

@@ -26,11 +26,12 @@ from pathlib import Path
 
 import pytest
 
-from pytest_svctunnel import reaper
+from pytest_svctunnel import names, reaper
 from pytest_svctunnel.lab import Lab
+from pytest_svctunnel.labagent import LabAgent
+from pytest_svctunnel.names import new_run_id
 from pytest_svctunnel.pids import ProcessRef, proc_stat
-from pytest_svctunnel.process import AgentProcess
-from pytest_svctunnel.runs import OWNER_FILE, OWNERLESS_GRACE_S, STATE_ENV, Run, new_run_id, state_root
+from pytest_svctunnel.runs import OWNER_FILE, OWNERLESS_GRACE_S, STATE_ENV, Run, state_root
 
 from .helpers import leftovers, remove_by_hand
 
@@ -44,35 +45,25 @@ WAIT_S = 60.0  # bound of every wait for an inner process; setup takes about a s
 # pyroute2's forks is lost (see interrupts.py); a setup test sends it again if nothing happened
 RESEND_AFTER_S = 3.0
 
-INNER_CONFTEST = """
-import os
-import time
-
-import pytest
-
-
-@pytest.hookimpl(tryfirst=True)
-def pytest_runtest_protocol(item):
-    os.environ["INNER_PROTOCOL_STARTED"] = repr(time.monotonic())
-"""
-
 INNER_SUITE = """
 import os
+import signal
 import subprocess
 import time
 from pathlib import Path
+
+from pytest_svctunnel import names
 
 
 def test_uses_tunnel(svctunnel):
     Path("phase-call.tmp").write_text(svctunnel.run_id)
     os.replace("phase-call.tmp", "phase-call")  # at once: a watcher never reads it half-written
     if "INNER_STUBBORN" in os.environ:  # a process in the lab that ignores SIGTERM: teardown waits for it
-        pod = f"svt-{svctunnel.run_id}-pod"
+        pod = names.netns_name(svctunnel.run_id, "pod")
         stubborn = subprocess.Popen(["ip", "netns", "exec", pod, "sh", "-c", "trap '' TERM; exec sleep 60"])
         Path("stubborn-pid").write_text(str(stubborn.pid))
-    if "INNER_UNTIL" in os.environ:  # seconds after the test's protocol (and its timeout) started
-        started = float(os.environ["INNER_PROTOCOL_STARTED"])
-        time.sleep(max(0.0, started + float(os.environ["INNER_UNTIL"]) - time.monotonic()))
+    if "INNER_ALARM_IN" in os.environ:  # pytest-timeout's alarm, re-armed to go off this long from now
+        signal.setitimer(signal.ITIMER_REAL, float(os.environ["INNER_ALARM_IN"]))
     time.sleep(float(os.environ.get("INNER_SLEEP", "0")))
     Path("phase-done").touch()  # the test's last action
 """
@@ -197,7 +188,6 @@ class Inners:
 
 @pytest.fixture
 def inners(pytester: pytest.Pytester) -> Iterator[Inners]:
-    pytester.makeconftest(INNER_CONFTEST)
     pytester.makepyfile(test_inner=INNER_SUITE)
     runs = Inners(pytester)
     yield runs
@@ -227,10 +217,10 @@ def interrupted_once(inner: Inner, output: str) -> None:
 # what the setup builds, in order: the phase a signal hits is the step after the thing appears
 SETUP_PHASES: dict[str, Callable[[Inner], bool]] = {
     "state-directory": lambda i: (i.root / i.run_id).is_dir(),
-    "first-namespace": lambda i: _netns_exists(f"svt-{i.run_id}-home"),
-    "lab-wiring": lambda i: _link_exists(f"svt{i.run_id}-lan"),
+    "first-namespace": lambda i: _netns_exists(names.netns_name(i.run_id, "home")),
+    "lab-wiring": lambda i: _link_exists(names.link_name(i.run_id, "lan")),
     "agent-starting": lambda i: (i.root / i.run_id / "agent.json").exists(),
-    "tunnel-devices": lambda i: _link_exists(f"svt{i.run_id}-0"),
+    "tunnel-devices": lambda i: _link_exists(names.link_name(i.run_id, "0")),
     "test-running": lambda i: (i.directory / "phase-call").exists(),
 }
 SIGNALS = {"SIGINT-to-group": (signal.SIGINT, True), "SIGTERM-to-pid": (signal.SIGTERM, False)}
@@ -266,8 +256,12 @@ def test_signal_during_setup_leaves_nothing(inners: Inners, phase: str, how: str
 # (the lab's removal comes next), the first lab namespace removed (the rest of the lab next)
 TEARDOWN_PHASES: dict[str, Callable[[Inner], bool]] = {
     "test-done": lambda i: (i.directory / "phase-done").exists(),
-    "devices-removed": lambda i: (i.directory / "phase-done").exists() and not _link_exists(f"svt{i.run_id}-0"),
-    "lab-removal": lambda i: (i.directory / "phase-done").exists() and not _netns_exists(f"svt-{i.run_id}-home"),
+    "devices-removed": lambda i: (
+        (i.directory / "phase-done").exists() and not _link_exists(names.link_name(i.run_id, "0"))
+    ),
+    "lab-removal": lambda i: (
+        (i.directory / "phase-done").exists() and not _netns_exists(names.netns_name(i.run_id, "home"))
+    ),
 }
 
 
@@ -315,14 +309,20 @@ def test_repeated_signals_leave_nothing(
 # -- 3. pytest-timeout (signal method) ----------------------------------------------------------------
 
 TIMEOUTS = {
-    # (timeout, environment, expected outcome line) - the timer covers setup, call and teardown
+    # (timeout, environment, expected outcome line) - the timer covers setup, call and teardown;
+    # in the test and in teardown the inner test re-arms the timer from its own start, so that
+    # where the alarm lands does not depend on how long the setup took
     "in-setup": ("0.3", {"INNER_SLEEP": "30"}, "ERROR test_inner.py::test_uses_tunnel - Failed: Timeout"),
-    "in-test": ("3", {"INNER_SLEEP": "30"}, "FAILED test_inner.py::test_uses_tunnel - Failed: Timeout"),
-    # the test returns 1 s before the deadline, leaving a process in the lab that ignores SIGTERM:
-    # the lab's removal waits 5 s for it before SIGKILL, so the alarm comes in the middle of it
+    "in-test": (
+        "60",
+        {"INNER_ALARM_IN": "0.5", "INNER_SLEEP": "30"},
+        "FAILED test_inner.py::test_uses_tunnel - Failed: Timeout",
+    ),
+    # the test returns at once, leaving a process in the lab that ignores SIGTERM: the lab's
+    # removal waits 5 s for it before SIGKILL, so an alarm 1 s later comes in the middle of it
     "in-teardown": (
-        "4",
-        {"INNER_UNTIL": "3", "INNER_STUBBORN": "1"},
+        "60",
+        {"INNER_ALARM_IN": "1", "INNER_STUBBORN": "1"},
         "ERROR test_inner.py::test_uses_tunnel - Failed: Timeout",
     ),
 }
@@ -357,7 +357,7 @@ def tunnel_up_then_sigkill(inners: Inners, root: Path) -> Inner:
     inner.kill()
     left = leftovers(inner.run_id, root)
     assert len(left["namespaces"]) == 4 and left["agents"] and left["state dir"], left
-    assert {f"svt{inner.run_id}-lan", f"svt{inner.run_id}-0"} <= set(left["links"]), left
+    assert {names.link_name(inner.run_id, "lan"), names.link_name(inner.run_id, "0")} <= set(left["links"]), left
     return inner
 
 
@@ -379,20 +379,22 @@ def test_reap_removes_exactly_what_sigkilled_runs_left(inners: Inners) -> None:
     root, other_root = inners.root("state"), inners.root("other-state")
     killed = tunnel_up_then_sigkill(inners, root)
     live = inners.start(root=root, INNER_SLEEP="60")  # a session that still runs
-    wait_until(lambda: _link_exists(f"svt{live.run_id}-0") or live.proc.poll() is not None, "live tunnel up")
+    wait_until(
+        lambda: _link_exists(names.link_name(live.run_id, "0")) or live.proc.poll() is not None, "live tunnel up"
+    )
     detached = lab_up(root)
     foreign = lab_up(other_root)  # a run of another state root: not ours to touch
     live_before = leftovers(live.run_id, root)
     detached_before = leftovers(detached, root)
     foreign_before = leftovers(foreign, other_root)
     # something else running in the killed run's lab, that no pid file names
-    stray = subprocess.Popen(["ip", "netns", "exec", f"svt-{killed.run_id}-node", "sleep", "300"])
+    stray = subprocess.Popen(["ip", "netns", "exec", names.netns_name(killed.run_id, "node"), "sleep", "300"])
     wait_until(lambda: Path(f"/proc/{stray.pid}/comm").read_text().strip() == "sleep", "the stray process")
 
     dry = svctunnel_cli(root, "reap", "--dry-run")
     assert dry.returncode == 0, dry.stderr
     assert [line.split(" (")[0] for line in lines(dry.stdout, "would reap")] == [f"would reap run {killed.run_id}"]
-    assert f"svt-{killed.run_id}-pod" in dry.stdout and f"svt{killed.run_id}-lan" in dry.stdout
+    assert names.netns_name(killed.run_id, "pod") in dry.stdout and names.link_name(killed.run_id, "lan") in dry.stdout
     assert re.search(rf"processes .*\b{stray.pid}\b", dry.stdout), dry.stdout
     assert stray.poll() is None, "a dry run stopped a process"
     assert not lines(dry.stdout, "reaped run")
@@ -403,7 +405,7 @@ def test_reap_removes_exactly_what_sigkilled_runs_left(inners: Inners) -> None:
     assert [line.split(" (")[0] for line in lines(reaped.stdout, "reaped run")] == [f"reaped run {killed.run_id}"]
     assert lines(reaped.stdout, f"left alone: run {live.run_id} (owner pid {live.proc.pid} is running")
     assert lines(reaped.stdout, f"left alone: run {detached} (detached")
-    assert any(f"svt-{foreign}-home" in line for line in lines(reaped.stdout, "not touched: "))
+    assert any(names.netns_name(foreign, "home") in line for line in lines(reaped.stdout, "not touched: "))
     assert_nothing_left(killed.run_id, root, reaped.stdout)
     assert stray.wait(WAIT_S) == -signal.SIGTERM, "the process in the gone run's namespace was not stopped"
     assert leftovers(live.run_id, root) == live_before
@@ -555,24 +557,48 @@ def test_ownerless_run_is_gone_only_after_a_grace(private_root: Path) -> None:
     assert run.liveness().gone
 
 
-@pytest.mark.parametrize("same_process", [True, False], ids=["recorded-agent", "pid-reused-since"])
-def test_agent_stop_signals_only_the_recorded_process(
-    private_root: Path, sleeper: subprocess.Popen[bytes], same_process: bool
-) -> None:
-    """'lab down' and 'reap' stop an agent by its pid file: never a process that got the pid later."""
+# a process that keeps SIGTERM pending: whether anyone sent it one shows in /proc, at once
+TERM_BLOCKER = (
+    "import signal, sys, time; signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM});"
+    " print('blocked', flush=True); time.sleep(60)"
+)
+
+
+def sigterm_pending(pid: int) -> bool:
+    status = Path(f"/proc/{pid}/status").read_text().splitlines()
+    pending = [int(line.split()[1], 16) for line in status if line.startswith(("SigPnd:", "ShdPnd:"))]
+    return any(mask & (1 << (signal.SIGTERM - 1)) for mask in pending)
+
+
+def test_agent_stop_signals_the_recorded_process(private_root: Path, sleeper: subprocess.Popen[bytes]) -> None:
+    """'lab down' and 'reap' stop an agent by its pid file."""
     run = Run.new()
-    recorded = record(sleeper)
-    start = int(str(recorded["start_time"])) - (0 if same_process else 1)
-    run.write("agent.json", {"pid": sleeper.pid, "start_time": start})
-    agent = AgentProcess(run, "unused")
-    assert agent.alive() == same_process
+    run.write("agent.json", record(sleeper))
+    agent = LabAgent(run, "unused")
+    assert agent.alive()
     agent.stop(timeout=5)
-    if same_process:
-        assert sleeper.wait(WAIT_S) == -signal.SIGTERM
-    else:
-        time.sleep(0.3)
-        assert sleeper.poll() is None, "stopped a process that only has the agent's old pid"
+    assert sleeper.wait(WAIT_S) == -signal.SIGTERM
     assert not (run.dir / "agent.json").exists()
+
+
+def test_agent_stop_never_signals_a_process_that_got_the_pid_later(private_root: Path) -> None:
+    blocker = subprocess.Popen([sys.executable, "-c", TERM_BLOCKER], stdout=subprocess.PIPE)
+    try:
+        assert blocker.stdout is not None and blocker.stdout.readline() == b"blocked\n"
+        assert not sigterm_pending(blocker.pid)
+        recorded = record(blocker)
+        run = Run.new()
+        run.write("agent.json", {**recorded, "start_time": int(str(recorded["start_time"])) - 1})
+        agent = LabAgent(run, "unused")
+        assert not agent.alive()
+        agent.stop(timeout=5)
+        assert not sigterm_pending(blocker.pid), "stopped a process that only has the agent's old pid"
+        assert not (run.dir / "agent.json").exists()
+        os.kill(blocker.pid, signal.SIGTERM)  # control: a SIGTERM that is sent shows as pending
+        assert sigterm_pending(blocker.pid)
+    finally:
+        blocker.kill()
+        blocker.wait()
 
 
 def test_reaper_only_considers_run_directories(private_root: Path, sleeper: subprocess.Popen[bytes]) -> None:
@@ -601,7 +627,9 @@ try:
         events.append("cleanup done")
 except KeyboardInterrupt:
     events.append("KeyboardInterrupt")
-time.sleep(0.1)
+deadline = time.monotonic() + 10  # the deferred handlers run once the shield is down
+while len(events) < 4 and time.monotonic() < deadline:
+    time.sleep(0.01)
 print("events:", ", ".join(events))
 print("blocked after:", sorted(signal.pthread_sigmask(signal.SIG_BLOCK, [])))
 print("SIGINT handler restored:", signal.getsignal(signal.SIGINT) is signal.default_int_handler)
@@ -652,14 +680,18 @@ def test_sigterm_interrupts():
 
 def test_a_forked_copy_gets_the_default_action():
     for signum in (signal.SIGINT,) if CUSTOM else (signal.SIGINT, signal.SIGTERM):
+        ready, tell = os.pipe()
         pid = os.fork()
         if pid == 0:
             try:
+                os.write(tell, b"x")
                 time.sleep(5)
             except BaseException:
                 os._exit(3)  # a KeyboardInterrupt here would run the rest of pytest in the copy
             os._exit(0)
-        time.sleep(0.2)
+        os.close(tell)
+        assert os.read(ready, 1) == b"x"  # the copy is inside its try
+        os.close(ready)
         os.kill(pid, signum)
         _, status = os.waitpid(pid, 0)
         assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signum, status
@@ -737,8 +769,9 @@ def test_lab_block_avoids_addresses_in_use_on_this_host(private_root: Path) -> N
     addresses are not: a new lab must not pick its block (routes would clash with EEXIST)."""
     run = Run.new()
     wanted = 1 + int(run.id, 16) % 250  # the block this run would pick first
-    blocker = f"svt{run.id}-blk"
-    subprocess.run(["ip", "link", "add", blocker, "type", "veth", "peer", "name", f"svt{run.id}-blp"], check=True)
+    blocker = names.link_name(run.id, "blk")
+    peer = names.link_name(run.id, "blp")
+    subprocess.run(["ip", "link", "add", blocker, "type", "veth", "peer", "name", peer], check=True)
     try:
         subprocess.run(["ip", "addr", "add", f"198.18.{wanted}.254/32", "dev", blocker], check=True)
         assert Lab(run).plan.block != wanted

@@ -201,8 +201,8 @@ INVALID: dict[str, tuple[str, str, str]] = {
     "keep-sometimes": ("keep", "sometimes", "choose one of never, on-failure, always"),
     "backend-docker": ("backend", "docker", "choose one of kubernetes, lab"),
     "backend-upper-case": ("backend", "LAB", "choose one of kubernetes, lab"),
-    "peer-not-an-ip": ("peer", "not-an-ip", "does not appear to be an IPv4 or IPv6 address"),
-    "peer-cidr": ("peer", "10.0.0.0/8", "does not appear to be"),
+    "peer-not-an-ip": ("peer", "not-an-ip", "is not an IP address"),
+    "peer-cidr": ("peer", "10.0.0.0/8", "is not an IP address"),
     "keepalive-0": ("keepalive", "0", "outside (0, 3600]"),
     "keepalive-word": ("keepalive", "often", "is not a number"),
     "misses-0": ("misses", "0", "outside 1..100"),
@@ -217,6 +217,10 @@ INVALID: dict[str, tuple[str, str, str]] = {
     "node-underscore": ("node", "kind_worker", "not a Kubernetes node name"),
     "bridge-16": ("bridge", "b" * 16, "not a Linux interface name"),
     "bridge-slash": ("bridge", "br/0", "not a Linux interface name"),
+    "bridge-dot-dot": ("bridge", "..", "not a Linux interface name"),
+    "bridge-not-ascii": ("bridge", "brü", "only printable ASCII"),
+    "underlay-dev-percent": ("underlay_dev", "eth%d", "not a Linux interface name"),
+    "underlay-dev-16": ("underlay_dev", "e" * 16, "not a Linux interface name"),
 }
 
 
@@ -244,7 +248,7 @@ def test_invalid_values_name_what_to_fix(key: str, raw: str, why: str, layer: st
 
 
 def test_empty_underlay_dev_on_the_command_line() -> None:
-    with pytest.raises(ConfigError, match=r"--svctunnel-underlay-dev='' is invalid \(empty\)"):
+    with pytest.raises(ConfigError, match=r"--svctunnel-underlay-dev='' is invalid \(.*it is empty\)"):
         resolve({"underlay_dev": ""}, {}, {})
 
 

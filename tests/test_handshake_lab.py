@@ -7,11 +7,9 @@ import secrets
 import socket
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-from pytest_svctunnel import keys
 from pytest_svctunnel.lab import Lab
 from pytest_svctunnel.protocol import (
     MAGIC,
@@ -71,14 +69,14 @@ class Speaker:
 
 
 @pytest.fixture
-def agent(lab: Lab, key_file: Path) -> Lab:
-    lab.start_agent(key_file)
+def agent(lab: Lab, key: bytes) -> Lab:
+    lab.start_agent(key)
     return lab
 
 
 @pytest.fixture
-def speaker(agent: Lab, key_file: Path) -> Iterator[Speaker]:
-    s = Speaker(agent, keys.read_key_file(key_file))
+def speaker(agent: Lab, key: bytes) -> Iterator[Speaker]:
+    s = Speaker(agent, key)
     yield s
     s.sock.close()
 

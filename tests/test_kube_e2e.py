@@ -20,6 +20,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -31,11 +32,13 @@ from typing import Any
 import pytest
 from kubernetes import client
 
-from pytest_svctunnel import device, netns
-from pytest_svctunnel.config import DEFAULT_IMAGE
-from pytest_svctunnel.render import RUN_LABEL
+from pytest_svctunnel import device, keys, names, netns
+from pytest_svctunnel.backends.kubernetes.backend import KubernetesBackend
+from pytest_svctunnel.backends.kubernetes.options import DEFAULT_IMAGE, ClusterTarget, PodEndOptions
+from pytest_svctunnel.errors import KubeError
+from pytest_svctunnel.names import RUN_LABEL
 from pytest_svctunnel.runs import Run
-from pytest_svctunnel.waiting import Deadline
+from pytest_svctunnel.waiting import Deadline, Stopwatch
 
 from .kubelab.controlplane import ControlPlane
 from .kubelab.kubelet import MiniKubelet
@@ -129,6 +132,7 @@ class TestCluster:
     network: ClusterNetwork
     node_name: str
     kubelet: MiniKubelet
+    plane: ControlPlane
 
 
 def control_plane_binaries() -> Path:
@@ -151,7 +155,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestCluster]:
         stack.callback(plane.stop)
         plane.start(timeout=120)
         plan = network.plan
-        node_name = f"svt-{run.id}-node"
+        node_name = names.netns_name(run.id, "node")
         plane.create_node(node_name, str(plan.node_address), str(plan.pod_cidr_v4))
         plane.start_kube_proxy(plan.node_netns, node_name, str(plan.pod_cidr_v4), timeout=60)
         api = plane.api_client()
@@ -174,7 +178,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestCluster]:
         balancer = LoadBalancerController(api, plan.lb_pool)
         balancer.start()
         stack.callback(balancer.stop, 10)
-        yield TestCluster(plane.kubeconfig, api, network, node_name, kubelet)
+        yield TestCluster(plane.kubeconfig, api, network, node_name, kubelet, plane)
 
 
 def run_inner(pytester: pytest.Pytester, cluster: TestCluster, *args: str) -> tuple[pytest.RunResult, str]:
@@ -212,8 +216,8 @@ def labelled(api: Any, run_id: str) -> list[str]:
 
 def assert_run_left_nothing(cluster: TestCluster, run_id: str, output: str) -> None:
     assert labelled(cluster.api, run_id) == [], output
-    assert netns.listing(f"svt-{run_id}-") == [], output
-    assert device.links_with_prefix(None, f"svt{run_id}-") == [], output
+    assert netns.listing(names.netns_prefix(run_id)) == [], output
+    assert device.links_with_prefix(None, names.link_prefix(run_id)) == [], output
     assert netns.listing(cluster.network.plan.pod_prefix) == [], "the kubelet kept a pod namespace"
     # the kubelet runs the container's command from PATH: bin/svctunnel (the lab runs 'python -m pytest_svctunnel')
     agents = subprocess.run(["pgrep", "-af", "bin/svctunnel agent"], capture_output=True, text=True).stdout
@@ -283,7 +287,7 @@ def test_node_mode_lands_the_networks_on_the_nodes_bridge(pytester: pytest.Pytes
 
 FAIL_EARLY = {
     # the session's args -> what its error must say (the cause, and the remedy)
-    "unknown-image": (("--svctunnel-image", "registry.invalid/none:1"), ("the image cannot be pulled", "kind load")),
+    "unknown-image": (("--svctunnel-image", "registry.invalid/none:1"), ("its image cannot be pulled", "kind load")),
     "no-such-node": (("--svctunnel-node", "no-such-node"), ("cannot be scheduled", "--svctunnel-node")),
 }
 
@@ -378,7 +382,7 @@ def test_sigkilled_session_is_reaped(held: HeldSession, cluster: TestCluster) ->
     held.wait_for("the tunnel", lambda: (held.path / "tunnel-up").exists())
     held.kill()
     assert labelled(cluster.api, run_id), "SIGKILL should have left the run's objects"
-    assert device.links_with_prefix(None, f"svt{run_id}-"), "SIGKILL should have left the run's devices"
+    assert device.links_with_prefix(None, names.link_prefix(run_id)), "SIGKILL should have left the run's devices"
     done = subprocess.run(
         [sys.executable, "-m", "pytest_svctunnel", "reap"], capture_output=True, text=True, timeout=120
     )
@@ -424,3 +428,46 @@ def test_a_failing_test_reports_the_pod_end(pytester: pytest.Pytester, cluster: 
     assert f"LoadBalancer svctunnel-{run_id}/svctunnel-{run_id}: ports 5533/UDP" in output, output
     assert "--- recent events" in output and "ScalingReplicaSet" in output, output
     assert_run_left_nothing(cluster, run_id, output)
+
+
+# how long a teardown against an API server that answers nothing may take past its deadline:
+# one last request after the deadline (MIN_REQUEST_S) and the time to raise
+TEARDOWN_SLACK_S = 5.0
+
+
+@pytest.mark.parametrize("given_namespace", [False, True], ids=["own-namespace", "given-namespace"])
+def test_teardown_against_a_paused_api_server_ends_by_its_deadline(cluster: TestCluster, given_namespace: bool) -> None:
+    """Every request carries a timeout from the deadline: an API server that stops answering in the
+    middle of a teardown (SIGSTOP: it keeps its connections but says nothing) makes the teardown
+    end by its deadline with a KubeError that names the API server and what to do, not hang."""
+    core = client.CoreV1Api(cluster.api)
+    namespace = f"svt-e2e-{uuid.uuid4().hex[:6]}" if given_namespace else None
+    if namespace is not None:
+        core.create_namespace({"metadata": {"name": namespace}})
+    run = Run.new()
+    backend = KubernetesBackend(run, ClusterTarget(str(cluster.kubeconfig)), PodEndOptions(namespace=namespace))
+    try:
+        backend.deploy(keys.new_key(), Deadline.after(60), Stopwatch())
+        outcome: list[BaseException | None] = []
+
+        def teardown() -> None:
+            try:
+                backend.teardown(Deadline.after(3))
+                outcome.append(None)
+            except BaseException as exc:  # the thread hands whatever it got to the test
+                outcome.append(exc)
+
+        with cluster.plane.paused("kube-apiserver"):
+            worker = threading.Thread(target=teardown, daemon=True)
+            worker.start()
+            worker.join(3 + TEARDOWN_SLACK_S)
+            assert not worker.is_alive(), "the teardown still waits for an API server that does not answer"
+        (error,) = outcome
+        assert isinstance(error, KubeError), error
+        assert "no answer from the API server" in str(error) and "svctunnel reap" in str(error), error
+    finally:
+        backend.teardown(Deadline.after(60))  # the API server answers again: now it all goes
+        if namespace is not None:
+            core.delete_namespace(namespace)
+        run.remove()
+    assert labelled(cluster.api, run.id) == []

@@ -13,7 +13,10 @@ import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pytest_svctunnel import render
+from pytest_svctunnel import agentsettings
+from pytest_svctunnel.agentsettings import AgentSettings
+from pytest_svctunnel.backends.kubernetes import manifests as render
+from pytest_svctunnel.names import RUN_LABEL
 
 MANIFESTS = Path(__file__).parent.parent / "manifests"
 KEY = "ab" * 32
@@ -24,15 +27,19 @@ def _hand_docs() -> dict[str, Any]:
     return {doc["kind"]: doc for doc in yaml.safe_load_all(text)}
 
 
+AGENT_FIELDS = {"port", "peer", "bridge", "host_network", "key"}
+
+
 def _end(**changes: Any) -> render.PodEnd:
+    agent = {"key": bytes.fromhex(KEY), "ready_file": Path(render.READY_FILE)}
+    agent.update({k: v for k, v in changes.items() if k in AGENT_FIELDS})
     values: dict[str, Any] = {
         "name": "svctunnel-abc123",
         "run_id": "abc123",
-        "key_hex": KEY,
         "image": "svctunnel-agent:0.1.0",
-        "port": 5533,
+        "agent": AgentSettings(**agent),
     }
-    values.update(changes)
+    values.update({k: v for k, v in changes.items() if k not in AGENT_FIELDS})
     return render.PodEnd(**values)
 
 
@@ -97,11 +104,11 @@ def test_service_keeps_the_source_address_and_publishes_unready_pods() -> None:
 def test_every_object_carries_the_run_label() -> None:
     objects = render.pod_end(_end())
     for obj in objects.values():
-        assert obj["metadata"]["labels"][render.RUN_LABEL] == "abc123"
+        assert obj["metadata"]["labels"][RUN_LABEL] == "abc123"
     assert _pod_spec(objects) is not None
     template_labels = objects["Deployment"]["spec"]["template"]["metadata"]["labels"]
-    assert template_labels[render.RUN_LABEL] == "abc123"
-    assert render.namespace("svctunnel-abc123", "abc123")["metadata"]["labels"][render.RUN_LABEL] == "abc123"
+    assert template_labels[RUN_LABEL] == "abc123"
+    assert render.namespace("svctunnel-abc123", "abc123")["metadata"]["labels"][RUN_LABEL] == "abc123"
 
 
 @pytest.mark.parametrize("peer", ["192.0.2.7", "2001:db8::7"])
@@ -121,12 +128,12 @@ def test_node_port_mode() -> None:
 
 
 def test_node_mode_pins_a_host_network_pod_and_joins_the_bridge() -> None:
-    objects = render.pod_end(_end(node="kind-worker", bridge="br-multus"))
+    objects = render.pod_end(_end(node="kind-worker", bridge="br-multus", host_network=True))
     spec = _pod_spec(objects)
     assert spec["hostNetwork"] is True
     assert spec["nodeSelector"] == {"kubernetes.io/hostname": "kind-worker"}
     assert _env(objects)["SVCTUNNEL_BRIDGE"] == "br-multus"
-    assert _env(objects)["SVCTUNNEL_HOST_NETWORK"] == "1"  # the node's conntrack must see the handshake
+    assert _env(objects)["SVCTUNNEL_HOST_NETWORK"] == "true"  # the node's conntrack must see the handshake
     (container,) = spec["containers"]
     assert container["securityContext"]["capabilities"]["add"] == ["NET_ADMIN", "NET_RAW"]
 
@@ -152,7 +159,26 @@ def test_a_placeholder_without_a_value_is_an_error() -> None:
 )
 def test_values_stay_strings_whatever_their_digits(run_id: str, key: str) -> None:
     """A run id or key of digits only must not turn into a YAML number (the API rejects it)."""
-    objects = render.pod_end(_end(run_id=run_id, key_hex=key, name=f"svctunnel-{run_id}"))
+    objects = render.pod_end(_end(run_id=run_id, key=bytes.fromhex(key), name=f"svctunnel-{run_id}"))
     assert objects["Secret"]["stringData"]["key"] == key
     for obj in [*objects.values(), render.namespace(f"svctunnel-{run_id}", run_id)]:
-        assert obj["metadata"]["labels"][render.RUN_LABEL] == run_id
+        assert obj["metadata"]["labels"][RUN_LABEL] == run_id
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {},
+        {"port": 6000, "peer": ipaddress.ip_address("2001:db8::7")},
+        {"node": "kind-worker", "bridge": "br-multus", "host_network": True},
+    ],
+    ids=["defaults", "port-and-peer", "node-mode"],
+)
+def test_the_container_environment_is_the_agents_settings(changes: dict[str, Any]) -> None:
+    """What the agent reads back from its container's environment (the Secret's key included) is
+    exactly what the backend meant: one contract, agentsettings, on both sides."""
+    end = _end(**changes)
+    objects = render.pod_end(end)
+    env = {name: value for name, value in _env(objects).items() if isinstance(value, str)}
+    env[agentsettings.KEY_ENV] = objects["Secret"]["stringData"]["key"]
+    assert agentsettings.resolve({}, env) == end.agent

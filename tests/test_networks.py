@@ -13,19 +13,20 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pytest_svctunnel.errors import ConfigError
+from pytest_svctunnel.names import device_names
 from pytest_svctunnel.networks import (
     DEFAULT_VNI,
     MAX_VNI,
     Network,
     NetworkRequest,
-    device_names,
     parse_request,
     plan_networks,
     single_network,
 )
 from pytest_svctunnel.protocol import Hello, Message, PodNetwork, decode, encode
+from pytest_svctunnel.values import valid_ifname
 
-DEVS = device_names("svt-t-")
+DEVS = device_names("abc123")
 WHERE = "tests/test_x.py::test_marked"
 
 
@@ -387,26 +388,11 @@ def test_single_network_errors(args: tuple[Any, Any, Any, Any], expected: str) -
 # -- device_names ----------------------------------------------------------------------------------------------
 
 
-def test_device_names() -> None:
-    assert device_names("svt-") == [f"svt-{i}" for i in range(16)]
-    assert device_names("x", 3) == ["x0", "x1", "x2"]
-    assert device_names("a" * 13) == [f"{'a' * 13}{i}" for i in range(16)]  # "aaaaaaaaaaaaa15" is 15 characters
-
-
-@pytest.mark.parametrize(
-    ("prefix", "count", "bad"),
-    [("a" * 14, 16, "a" * 14 + "10"), ("a" * 15, 1, "a" * 15 + "0"), ("svt/", 2, "svt/0"), ("svt ", 2, "svt 0")],
-    ids=["16-chars-at-10", "16-chars-at-0", "slash", "space"],
-)
-def test_device_names_rejects_invalid(prefix: str, count: int, bad: str) -> None:
-    with pytest.raises(ConfigError) as info:
-        device_names(prefix, count)
-    assert repr(bad) in str(info.value)
-    assert "at most 15 characters" in str(info.value)
-
-
-def test_device_names_14_char_prefix_fits_when_few() -> None:
-    assert device_names("a" * 14, 10)[-1] == "a" * 14 + "9"
+@given(st.text("0123456789abcdef", min_size=6, max_size=6))
+def test_every_device_name_of_a_run_is_a_valid_interface_name(run_id: str) -> None:
+    devices = device_names(run_id)
+    assert len(devices) == len(set(devices)) == 16
+    assert all(valid_ifname(d) and d.startswith(f"svt{run_id}-") for d in devices)
 
 
 # -- properties ------------------------------------------------------------------------------------------------

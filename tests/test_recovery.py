@@ -7,6 +7,8 @@ of the fault ending (the keepalive is 1 s here, misses the default 3).
 from __future__ import annotations
 
 import ipaddress
+import os
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -14,12 +16,13 @@ from pathlib import Path
 
 import pytest
 
-from pytest_svctunnel import device, faults, netns
+from pytest_svctunnel import device, netns
 from pytest_svctunnel.lab import Lab
 from pytest_svctunnel.probe import ping_once
 from pytest_svctunnel.waiting import Deadline
 
-from .helpers import Connect, connect_argv
+from . import faults
+from .helpers import Connect, connect_argv, wait_until
 
 pytestmark = pytest.mark.root
 
@@ -29,8 +32,8 @@ LOCAL6, REMOTE6 = "fd00:77::2/126", "fd00:77::1/126"
 
 
 @pytest.fixture
-def agent(lab: Lab, key_file: Path) -> Lab:
-    lab.start_agent(key_file)
+def agent(lab: Lab, key: bytes) -> Lab:
+    lab.start_agent(key)
     return lab
 
 
@@ -77,7 +80,6 @@ def test_node_conntrack_flushed_while_the_pod_sends(tunnel: Connect, agent: Lab,
         stdout=subprocess.DEVNULL,
     )
     try:
-        time.sleep(0.3)
         faults.flush_node_conntrack_pod_first(agent)  # returns once the pod's masqueraded flow exists
         ended = time.monotonic()
         assert_recovers(dev, ended)
@@ -89,8 +91,8 @@ def test_node_conntrack_flushed_while_the_pod_sends(tunnel: Connect, agent: Lab,
     assert "dead: " in log and "rehandshake: " in log and "carries traffic again" in log
 
 
-def test_pod_restarted(tunnel: Connect, agent: Lab, key_file: Path, dev: str) -> None:
-    faults.restart_pod(agent, key_file)
+def test_pod_restarted(tunnel: Connect, agent: Lab, key: bytes, dev: str) -> None:
+    faults.restart_pod(agent, key)
     assert_recovers(dev, time.monotonic())
     assert "up: tunnel up" in agent.log_text()
 
@@ -104,11 +106,34 @@ def test_home_nat_rebinds(tunnel: Connect, agent: Lab, dev: str) -> None:
     assert 40000 <= peer_port <= 49999
 
 
-def test_agent_stopped_for_a_minute(tunnel: Connect, agent: Lab, key_file: Path, dev: str) -> None:
+# short UDP conntrack timeouts on the path, so that "long enough for every NAT and Service
+# mapping of the old flow to expire" takes seconds rather than the kernel's default minutes
+SHORT_UDP_TIMEOUTS = {
+    "net.netfilter.nf_conntrack_udp_timeout": "2",
+    "net.netfilter.nf_conntrack_udp_timeout_stream": "3",
+}
+
+
+def assured_tunnel_flows(lab: Lab, role: str) -> list[str]:
+    """Conntrack entries of one lab router for the tunnel port that saw traffic both ways."""
+    return [line for line in lab.conntrack(role).splitlines() if f"dport={lab.plan.port}" in line and "ASSURED" in line]
+
+
+def test_agent_stopped_until_the_path_forgot_the_flow(tunnel: Connect, agent: Lab, key: bytes, dev: str) -> None:
+    """The pod end is gone for so long that the external end gives the path up and every router
+    on it (the home NAT, the node's Service DNAT) forgets the old flow; when the agent comes back
+    the tunnel is rebuilt through new mappings."""
+    for role in ("home", "node"):
+        netns.sysctl(agent.plan.ns(role), SHORT_UDP_TIMEOUTS)
+    wait_until(lambda: assured_tunnel_flows(agent, "node"), "the live tunnel's flow assured on the node", 10)
     agent.stop_agent()
-    time.sleep(60)
+    tunnel.wait_log("rehandshake: ", seconds=3 * KEEPALIVE + 10)
+    wait_until(
+        lambda: not assured_tunnel_flows(agent, "home") and not assured_tunnel_flows(agent, "node"),
+        "the old flow expired on the home router and the node",
+    )
     assert not both_ping(dev)
-    agent.start_agent(key_file)
+    agent.start_agent(key)
     assert_recovers(dev, time.monotonic())
 
 
@@ -121,15 +146,20 @@ def test_external_end_restarted(tunnel: Connect, agent: Lab, key_file: Path, dev
     assert_recovers(dev, started)
 
 
+def fdb_points_somewhere(ns: str, dev: str) -> bool:
+    return "00:00:00:00:00:00" in netns.run(ns, ["bridge", "fdb", "show", "dev", dev])
+
+
 def test_pod_withdraws_when_the_peer_falls_silent(tunnel: Connect, agent: Lab, dev: str) -> None:
     """Nothing from the peer for keepalive x misses: the pod stops sending into the flow."""
     pod = agent.plan.ns("pod")
-    assert "00:00:00:00:00:00" in netns.run(pod, ["bridge", "fdb", "show", "dev", dev])
+    assert fdb_points_somewhere(pod, dev)
     tunnel.proc.kill()  # the external end vanishes without a word
     tunnel.proc.wait(10)
     device.delete_vxlan(None, dev)  # what it left here; the pod end is what this test watches
-    time.sleep(3 * KEEPALIVE + 1)
-    assert "00:00:00:00:00:00" not in netns.run(pod, ["bridge", "fdb", "show", "dev", dev])
+    wait_until(
+        lambda: not fdb_points_somewhere(pod, dev), "the pod withdrawing its forwarding entry", 3 * KEEPALIVE + 10
+    )
     assert "dead: nothing from" in agent.log_text()
     before = int(netns.run(pod, ["cat", f"/sys/class/net/{dev}/statistics/tx_packets"]))
     subprocess.run(
@@ -153,21 +183,25 @@ def test_pod_withdraws_when_the_peer_falls_silent(tunnel: Connect, agent: Lab, d
     assert after == before, "the pod must send nothing on the tunnel while the peer is withdrawn"
 
 
-def test_both_ends_report_state_and_counters_on_sigusr1(tunnel: Connect, agent: Lab) -> None:
-    import os
-    import signal
+def status_lines(log: str) -> list[str]:
+    return [line.split("status: ", 1)[1] for line in log.splitlines() if "status: " in line]
 
+
+def test_both_ends_report_state_and_counters_on_sigusr1(tunnel: Connect, agent: Lab) -> None:
     pid = agent.agent.pid
     assert pid is not None
-    time.sleep(1.5 * KEEPALIVE)  # at least one keepalive has gone out and come back
+
+    def external_status_after_a_keepalive() -> bool:
+        """Ask for the external end's status until it has sent a keepalive."""
+        asked = len(status_lines(tunnel.stderr()))
+        tunnel.proc.send_signal(signal.SIGUSR1)
+        wait_until(lambda: len(status_lines(tunnel.stderr())) > asked, "the external end's status line", 5)
+        return "keepalives=" in status_lines(tunnel.stderr())[-1]
+
+    wait_until(external_status_after_a_keepalive, "a keepalive counted", 3 * KEEPALIVE + 5, interval=KEEPALIVE / 4)
+    end_status = status_lines(tunnel.stderr())[-1]
+    assert end_status.startswith("state=up local=") and "handshakes=1" in end_status
     os.kill(pid, signal.SIGUSR1)
-    tunnel.proc.send_signal(signal.SIGUSR1)
-    deadline = Deadline.after(5)
-    while "status: state=up" not in agent.log_text() and not deadline.expired():
-        time.sleep(0.05)
-    agent_status = agent.log_text().split("status: ")[-1]
+    wait_until(lambda: status_lines(agent.log_text()), "the agent's status line", 5)
+    agent_status = status_lines(agent.log_text())[-1]
     assert agent_status.startswith("state=up peer=") and "handshakes=1" in agent_status and "hellos=" in agent_status
-    time.sleep(0.3)
-    tunnel.stop()
-    end_status = tunnel.stderr().split("status: ")[-1].splitlines()[0]
-    assert end_status.startswith("state=up local=") and "handshakes=1" in end_status and "keepalives=" in end_status

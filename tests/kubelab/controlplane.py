@@ -412,6 +412,16 @@ class ControlPlane:
         finally:
             self.timings[phase] = time.monotonic() - started
 
+    @contextlib.contextmanager
+    def paused(self, component: str) -> Iterator[None]:
+        """``component`` stopped with SIGSTOP (it keeps its sockets but answers nothing) until the block ends."""
+        proc = self._procs[component]
+        os.kill(proc.pid, signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            os.kill(proc.pid, signal.SIGCONT)
+
     def log_path(self, component: str) -> Path:
         """Where ``component`` (etcd, kube-apiserver, kube-controller-manager, kube-proxy-<netns>) logs."""
         return self.work_dir / f"{component}.log"

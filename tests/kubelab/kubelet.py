@@ -44,6 +44,7 @@ from pathlib import Path
 import kubernetes.client
 from kubernetes.client.exceptions import ApiException
 
+from pytest_svctunnel import names
 from pytest_svctunnel.waiting import Deadline
 
 from .container import Tools
@@ -89,7 +90,7 @@ class MiniKubelet:
         entrypoints: Mapping[str, Sequence[str]] | None = None,
         heartbeat: bool = True,
     ) -> None:
-        if not pod_prefix.startswith("svt-"):
+        if names.run_of_netns(pod_prefix) is None:
             raise KubeletError(f"pod namespace prefix {pod_prefix!r} must start with the run's 'svt-<id>-'")
         self.core = kubernetes.client.CoreV1Api(api)
         self.node_name = node_name
@@ -176,12 +177,6 @@ class MiniKubelet:
         """The log file of the pod's container, while this kubelet runs the pod."""
         worker = self._worker(namespace, name)
         return worker.log_path if worker else None
-
-    def container_pid(self, namespace: str, name: str) -> int | None:
-        """The pid of the pod's running container process, if any."""
-        worker = self._worker(namespace, name)
-        process = worker.process if worker else None
-        return process.pid if process else None
 
     def _worker(self, namespace: str, name: str) -> PodWorker | None:
         with self._lock:

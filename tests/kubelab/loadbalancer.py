@@ -61,12 +61,6 @@ class LoadBalancerController:
         self._exhausted: set[str] = set()  # uids already told that the pool is exhausted
         self._watch = ObjectWatch("services", self.core.list_service_for_all_namespaces, self._on_change, self._resync)
 
-    @property
-    def assigned(self) -> dict[str, ipaddress.IPv4Address]:
-        """namespace/name -> address, of every Service holding a pool address."""
-        with self._lock:
-            return {self._names[uid]: address for uid, address in self._by_uid.items()}
-
     def start(self, timeout: float = 30.0) -> None:
         self._watch.start()
         if not self._watch.synced.wait(timeout):

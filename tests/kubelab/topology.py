@@ -9,8 +9,9 @@
     node         (kube-proxy's own rules; the CNI role: masquerade pod egress)
       | p<n> ... pods            198.18.K.64/26, one /30 and one /64 per pod (made by the kubelet)
 
-Names carry the run id, so ``pytest_svctunnel.lab.remove_run_objects`` removes all of it
-(the kubelet's pod namespaces too) and the session's leak check sees any leftovers.
+Names carry the run id (``pytest_svctunnel.names``), so ``hostobjects.remove_run_objects``
+removes all of it (the kubelet's pod namespaces too) and the session's leak check sees any
+leftovers.
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 
-from pytest_svctunnel import device, netns, nft
-from pytest_svctunnel.lab import NO_DAD, LabPlan, pick_block, remove_run_objects
-from pytest_svctunnel.process import AgentProcess
+from pytest_svctunnel import device, names, netns, nft
+from pytest_svctunnel.hostobjects import remove_run_objects
+from pytest_svctunnel.lab import NO_DAD, LabPlan, pick_block
 from pytest_svctunnel.runs import Run
 from pytest_svctunnel.waiting import Deadline
 
@@ -41,7 +42,7 @@ class ClusterPlan:
 
     @property
     def pod_prefix(self) -> str:
-        return f"svt-{self.lab.run_id}-pod"
+        return names.netns_name(self.lab.run_id, "pod")
 
     @property
     def node_address(self) -> ipaddress.IPv4Address:
@@ -134,7 +135,7 @@ class ClusterNetwork:
 
     def down(self, deadline: Deadline) -> None:
         """Everything named with the run id: namespaces (also the pods'), links, processes in them."""
-        remove_run_objects(self.run.id, AgentProcess(self.run, self.plan.lab.ns("pod")), deadline)
+        remove_run_objects(self.run, deadline)
 
 
 def _home_rules() -> str:

@@ -1,4 +1,4 @@
-"""Faults a real cluster path suffers, injected into a lab: for the recovery tests and the soak.
+"""Test aid: faults a real cluster path suffers, injected into a lab (the recovery tests, the soak).
 
 Each function causes one fault and returns once it is in place; none of them touches
 either tunnel end's configuration, so whatever heals afterwards healed on its own.
@@ -9,11 +9,10 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-from pathlib import Path
 
-from . import device, netns, nft
-from .lab import NO_DAD, Lab, home_rules
-from .waiting import Deadline, wait_for
+from pytest_svctunnel import device, netns, nft
+from pytest_svctunnel.lab import NO_DAD, Lab, home_rules
+from pytest_svctunnel.waiting import Deadline, wait_for
 
 
 def flush_conntrack(lab: Lab, role: str) -> None:
@@ -37,7 +36,7 @@ def kill_agent(lab: Lab) -> None:
         lab.agent.proc.wait(10)
 
 
-def restart_pod(lab: Lab, key_file: Path, timeout: float = 30.0) -> None:
+def restart_pod(lab: Lab, key: bytes, timeout: float = 30.0) -> None:
     """What a pod restart does: the agent dies, the pod's network namespace is replaced by
     a new one with the same address, and a fresh agent starts in it."""
     kill_agent(lab)
@@ -53,7 +52,7 @@ def restart_pod(lab: Lab, key_file: Path, timeout: float = 30.0) -> None:
         describe=lambda: "the node's veth to the old pod still exists",
     )
     _attach_host(lab, lab.plan.ns("node"), "pod", pod, 4)
-    lab.start_agent(key_file, timeout=timeout)
+    lab.start_agent(key, timeout=timeout)
 
 
 def _attach_host(lab: Lab, router_ns: str, router_dev: str, ns: str, segment: int) -> None:

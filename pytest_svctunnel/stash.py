@@ -1,4 +1,5 @@
-"""What the plugin keeps per pytest run, in the config stash."""
+"""What the plugin keeps per pytest run, in pytest's config stash (in memory; a run's record on
+disk is ``runs.Run``)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ if TYPE_CHECKING:  # the session pulls in netlink; load it only when a fixture r
 
 
 @dataclass
-class PluginState:
+class PluginStash:
     run_id: str
     config: TunnelConfig | None = None
     error: ConfigError | None = None
@@ -26,4 +27,4 @@ class PluginState:
     setup_note: str | None = None
 
 
-PLUGIN_STATE = pytest.StashKey[PluginState]()
+STASH = pytest.StashKey[PluginStash]()

@@ -2,7 +2,9 @@
 
 The templates are the files a person can apply by hand: ``__PLACEHOLDER__`` values are
 filled in as text, then the per-session choices the files cannot express (Service type,
-source ranges, node mode, the pinned peer) are set on the parsed objects. Pure: no client.
+source ranges, node mode) are set on the parsed objects, and the agent's settings become
+its container's environment through ``agentsettings.to_env``, the agent's one contract.
+Pure: no client.
 """
 
 from __future__ import annotations
@@ -14,26 +16,25 @@ from typing import Any
 
 import yaml
 
-from .protocol import IPAddress
+from ... import keys
+from ...agentsettings import AgentSettings, to_env
 
-RUN_LABEL = "svctunnel.dev/run"
+READY_FILE = "/tmp/svctunnel-ready"  # the readiness probe of manifests/svctunnel.yaml tests it
 _PLACEHOLDER = re.compile(r"__([A-Z]+)__")
 Obj = dict[str, Any]
 
 
 @dataclass(frozen=True)
 class PodEnd:
-    """What differs between sessions' pod ends."""
+    """What differs between sessions' pod ends: names, image, the agent's settings (its key goes
+    into the Secret, the rest into the container's environment), Service type and node."""
 
     name: str
     run_id: str
-    key_hex: str
     image: str
-    port: int
+    agent: AgentSettings
     service_type: str = "LoadBalancer"
-    peer: IPAddress | None = None
     node: str | None = None
-    bridge: str | None = None
 
 
 def template(name: str) -> str:
@@ -58,7 +59,13 @@ def namespace(name: str, run_id: str) -> Obj:
 
 def pod_end(end: PodEnd) -> dict[str, Obj]:
     """The Secret, Deployment and Service of one session, by kind."""
-    values = {"NAME": end.name, "RUN": end.run_id, "KEY": end.key_hex, "IMAGE": end.image, "PORT": str(end.port)}
+    values = {
+        "NAME": end.name,
+        "RUN": end.run_id,
+        "KEY": keys.key_text(end.agent.key),
+        "IMAGE": end.image,
+        "PORT": str(end.agent.port),
+    }
     objects = {obj["kind"]: obj for obj in fill(template("svctunnel.yaml"), values)}
     _shape_service(objects["Service"]["spec"], end)
     _shape_pod(objects["Deployment"]["spec"]["template"]["spec"], end)
@@ -67,20 +74,23 @@ def pod_end(end: PodEnd) -> dict[str, Obj]:
 
 def _shape_service(spec: Obj, end: PodEnd) -> None:
     spec["type"] = end.service_type
-    if end.peer is not None and end.service_type == "LoadBalancer":
-        spec["loadBalancerSourceRanges"] = [f"{end.peer}/{end.peer.max_prefixlen}"]
+    peer = end.agent.peer
+    if peer is not None and end.service_type == "LoadBalancer":
+        spec["loadBalancerSourceRanges"] = [f"{peer}/{peer.max_prefixlen}"]
 
 
 def _shape_pod(spec: Obj, end: PodEnd) -> None:
     (container,) = spec["containers"]
     env: list[Obj] = container["env"]
-    if end.peer is not None:
-        env.append({"name": "SVCTUNNEL_PEER", "value": str(end.peer)})
+    for name, value in to_env(end.agent).items():
+        entry = {"name": name, "value": value}
+        same = [i for i, e in enumerate(env) if e["name"] == name]
+        if same:
+            env[same[0]] = entry
+        else:
+            env.append(entry)
     if end.node is not None:
         spec["hostNetwork"] = True
         spec["dnsPolicy"] = "ClusterFirstWithHostNet"
         spec["nodeSelector"] = {"kubernetes.io/hostname": end.node}
         spec["tolerations"] = [{"operator": "Exists"}]  # also control-plane nodes
-        env.append({"name": "SVCTUNNEL_HOST_NETWORK", "value": "1"})
-    if end.bridge is not None:
-        env.append({"name": "SVCTUNNEL_BRIDGE", "value": end.bridge})

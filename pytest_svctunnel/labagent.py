@@ -1,7 +1,9 @@
-"""``svctunnel agent`` as a local process inside a named network namespace.
+"""The lab's agent: ``svctunnel agent`` as a local process inside the lab's pod namespace.
 
-Used by the lab (the pod namespace). The process records its pid and start time in
-the run's state directory, so a later command (``svctunnel lab down``, ``svctunnel
+Its settings reach it as flags only (``agentsettings.to_argv``), with the key in a file in
+the run's state directory; every ``SVCTUNNEL_*`` variable is removed from its environment,
+so the external end's settings never leak into it. The process records its pid and start
+time in the run's state directory, so a later command (``svctunnel lab down``, ``svctunnel
 reap``) can stop it too, and never a process that got the same pid later.
 """
 
@@ -12,52 +14,45 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Sequence
-from pathlib import Path
 
+from . import keys
+from .agentsettings import AgentSettings, clean_environment, to_argv
 from .errors import LabError
 from .pids import ProcessRef, terminate
-from .protocol import IPAddress
 from .runs import Run
 from .waiting import Deadline, wait_for
 
 LISTENING = "listening on UDP port"
 
 
-class AgentProcess:
-    """Starts, watches and stops one agent; its output goes to ``<run dir>/<name>.log``."""
+KEY_FILE = "key"  # in the run's state directory, readable by its owner only
 
-    def __init__(self, run: Run, netns: str, name: str = "agent") -> None:
+
+class LabAgent:
+    """Starts, watches and stops one agent; its output goes to ``<run dir>/agent.log``."""
+
+    def __init__(self, run: Run, netns: str) -> None:
         self.run = run
         self.netns = netns
-        self.name = name
-        self.log_path = run.dir / f"{name}.log"
-        self._pid_file = f"{name}.json"
+        self.log_path = run.dir / "agent.log"
+        self.key_file = run.dir / KEY_FILE
+        self._pid_file = "agent.json"
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(
-        self, key_file: Path, port: int, peer: IPAddress | None = None, timeout: float = 30.0, extra: Sequence[str] = ()
-    ) -> None:
+    def start(self, settings: AgentSettings, timeout: float = 30.0) -> None:
         """Start the agent and return once it listens; a crash or a deadline raises with its log."""
-        argv = [
-            "ip",
-            "netns",
-            "exec",
-            self.netns,
-            sys.executable,
-            "-m",
-            "pytest_svctunnel",
-            "agent",
-            "--key-file",
-            str(key_file),
-            "--port",
-            str(port),
-            *extra,
-        ]
-        if peer is not None:
-            argv += ["--peer", str(peer)]
+        keys.write_key_file(self.key_file, settings.key)
+        argv = ["ip", "netns", "exec", self.netns, sys.executable, "-m", "pytest_svctunnel", "agent"]
+        argv += to_argv(settings, self.key_file)
         with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
+            self.proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
+                env=clean_environment(os.environ),
+            )
         started = ProcessRef.of(self.proc.pid)
         self.run.write(self._pid_file, {"pid": self.proc.pid, "start_time": started.start_time if started else None})
         wait_for(

@@ -1,0 +1,133 @@
+"""The Kubernetes API as this plugin uses it: one client per session, and one way to call it.
+
+Every request goes through ``Cluster.call``: it carries a request timeout bounded by the
+caller's deadline (and at most ``MAX_REQUEST_S``), it is never retried behind our back (a
+retry would double the time a request may take), and every error becomes a KubeError that
+says what failed and what to do. Only the official client; no kubectl.
+
+The client is imported here only, and this module only when the kubernetes backend is used.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from kubernetes import client as k8s
+from kubernetes import config as k8s_config
+from kubernetes.client.exceptions import ApiException
+from kubernetes.config.config_exception import ConfigException
+
+from ...errors import ConfigError, KubeError
+from ...waiting import Deadline
+
+MAX_REQUEST_S = 15.0  # one request; waits poll with their own deadlines
+MIN_REQUEST_S = 0.2  # what a request still gets once its deadline has passed (a last try)
+
+
+def request_timeout(deadline: Deadline) -> float:
+    """The timeout of one request made under ``deadline``."""
+    return max(MIN_REQUEST_S, min(deadline.remaining(), MAX_REQUEST_S))
+
+
+@dataclass
+class Cluster:
+    """One cluster's API client, and where its configuration came from (for messages)."""
+
+    api: Any  # kubernetes.client.ApiClient
+    source: str
+
+    @property
+    def core(self) -> Any:
+        return k8s.CoreV1Api(self.api)
+
+    @property
+    def apps(self) -> Any:
+        return k8s.AppsV1Api(self.api)
+
+    @property
+    def server(self) -> str:
+        return str(self.api.configuration.host)
+
+    def call(
+        self, what: str, method: Callable[..., Any], *args: Any, deadline: Deadline, missing_ok: bool = False, **kw: Any
+    ) -> Any:
+        """``method(*args, **kw)`` with a request timeout from ``deadline``. An API error or an
+        unreachable server is a KubeError naming ``what`` and a remedy; with ``missing_ok``,
+        404 Not Found (gone already) returns None."""
+        timeout = request_timeout(deadline)
+        try:
+            return method(*args, _request_timeout=timeout, **kw)
+        except ApiException as exc:
+            if missing_ok and exc.status == 404:
+                return None
+            raise KubeError(f"{what}: {_describe(exc)}{_remedy(exc)}", exc.status) from None
+        except OSError as exc:  # urllib3 wraps most connection failures, but not all
+            raise self._unreachable(what, exc, timeout) from None
+        except Exception as exc:  # urllib3's MaxRetryError, ReadTimeoutError and friends
+            if type(exc).__module__.startswith("urllib3"):
+                raise self._unreachable(what, exc, timeout) from None
+            raise
+
+    def _unreachable(self, what: str, exc: Exception, timeout: float) -> KubeError:
+        text = str(exc)
+        if "timed out" in text.lower() or "Timeout" in type(exc).__name__:
+            cause = f"no answer from the API server {self.server} within {timeout:.1f} s"
+        else:
+            cause = f"cannot reach the API server {self.server} ({text})"
+        return KubeError(
+            f"{what}: {cause}; check that the API server runs and the kubeconfig ({self.source}) points at it"
+        )
+
+    def close(self) -> None:
+        self.api.close()
+
+
+def connect(kubeconfig: str | None, context: str | None) -> Cluster:
+    """A client for the kubeconfig (default: $KUBECONFIG, then ~/.kube/config) and context;
+    inside a pod without a kubeconfig, the pod's service account."""
+    configuration = k8s.Configuration()
+    try:
+        load: Any = k8s_config.load_kube_config  # untyped
+        load(config_file=kubeconfig, context=context, client_configuration=configuration, persist_config=False)
+        where = f"kubeconfig {kubeconfig or '(default)'}" + (f", context {context}" if context else "")
+    except (ConfigException, FileNotFoundError, OSError) as exc:
+        if kubeconfig is not None or context is not None or not _in_cluster(configuration):
+            raise ConfigError(
+                f"cannot load the Kubernetes configuration ({exc}): point --svctunnel-kubeconfig (or"
+                " KUBECONFIG) at a kubeconfig and --svctunnel-context at one of its contexts,"
+                " or use --svctunnel-backend lab for the built-in lab"
+            ) from None
+        where = "in-cluster service account"
+    configuration.retries = 0  # every request ends within its own timeout: no hidden retries
+    return Cluster(k8s.ApiClient(configuration), where)
+
+
+def _in_cluster(configuration: Any) -> bool:
+    try:
+        load_incluster: Any = k8s_config.load_incluster_config
+        load_incluster(client_configuration=configuration)
+    except ConfigException:
+        return False
+    return True
+
+
+def _describe(exc: ApiException) -> str:
+    try:
+        message = json.loads(exc.body or "{}").get("message") or exc.reason
+    except (ValueError, AttributeError):
+        message = exc.reason
+    return f"{exc.status} {exc.reason}: {message}"
+
+
+def _remedy(exc: ApiException) -> str:
+    if exc.status in (401, 403):
+        return (
+            "; the kubeconfig's user needs to create and delete namespaces, Secrets, Deployments"
+            " and Services, and to read pods, pod logs and events"
+        )
+    if exc.status == 409:
+        return "; an object of that name exists already: remove it, or choose another namespace"
+    return ""

@@ -1,0 +1,154 @@
+"""A run's objects in the cluster: where they live, creating them, and reading them back.
+
+``Placement`` says where a run's objects are (its own namespace, or a given one) and how to
+find them (the run label); it is what a run records for ``svctunnel reap``. The functions
+create the rendered objects and read the pods and the Service; every request carries a
+deadline (``Cluster.call``).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+from ... import names
+from ...errors import KubeError
+from ...protocol import Endpoint
+from ...values import IPAddress
+from ...waiting import Deadline
+from . import manifests
+from .client import Cluster
+from .options import ClusterTarget
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a run's objects live: ``namespace`` (made by the run when ``owns_namespace``),
+    their name, and the selector of the run label that finds every one of them."""
+
+    namespace: str
+    owns_namespace: bool
+    name: str
+    selector: str
+
+    @classmethod
+    def of(cls, run_id: str, namespace: str | None) -> Placement:
+        name = names.object_name(run_id)
+        return cls(namespace or name, namespace is None, name, names.label_selector(run_id))
+
+    def record(self, target: ClusterTarget) -> dict[str, Any]:
+        """What a run writes to its state directory, so that ``svctunnel reap`` finds the objects."""
+        return {
+            "kubeconfig": target.kubeconfig,
+            "context": target.context,
+            "namespace": self.namespace,
+            "owns_namespace": self.owns_namespace,
+            "name": self.name,
+            "selector": self.selector,
+        }
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> tuple[Placement, ClusterTarget]:
+        placement = cls(
+            str(record["namespace"]), bool(record["owns_namespace"]), str(record["name"]), str(record["selector"])
+        )
+        return placement, ClusterTarget(record.get("kubeconfig"), record.get("context"))
+
+    def describe(self) -> str:
+        return (
+            f"namespace {self.namespace}" if self.owns_namespace else f"objects -l {self.selector} in {self.namespace}"
+        )
+
+
+def create(
+    cluster: Cluster, placement: Placement, run_id: str, objects: dict[str, manifests.Obj], deadline: Deadline
+) -> None:
+    """Create the run's namespace (when it owns one), then its Secret, Deployment and Service."""
+    core, apps, ns = cluster.core, cluster.apps, placement.namespace
+    if placement.owns_namespace:
+        body = manifests.namespace(ns, run_id)
+        cluster.call(f"creating namespace {ns}", core.create_namespace, body, deadline=deadline)
+    steps = (
+        ("Secret", core.create_namespaced_secret),
+        ("Deployment", apps.create_namespaced_deployment),
+        ("Service", core.create_namespaced_service),
+    )
+    for kind, method in steps:
+        cluster.call(f"creating {kind} {placement.name} in {ns}", method, ns, objects[kind], deadline=deadline)
+
+
+def pods(cluster: Cluster, placement: Placement, deadline: Deadline) -> list[Any]:
+    """The run's pods in its namespace."""
+    listing = cluster.call(
+        f"listing the pods in {placement.namespace}",
+        cluster.core.list_namespaced_pod,
+        placement.namespace,
+        label_selector=placement.selector,
+        deadline=deadline,
+    )
+    return list(listing.items)
+
+
+def service(cluster: Cluster, placement: Placement, deadline: Deadline) -> Any:
+    """The run's Service."""
+    return cluster.call(
+        f"reading Service {placement.namespace}/{placement.name}",
+        cluster.core.read_namespaced_service,
+        placement.name,
+        placement.namespace,
+        deadline=deadline,
+    )
+
+
+def load_balancer_endpoint(svc: Any, port: int) -> Endpoint | None:
+    """The Service's first ingress address; a host name (AWS load balancers) once it resolves."""
+    for entry in svc.status.load_balancer.ingress or []:
+        if entry.ip:
+            return Endpoint(ipaddress.ip_address(entry.ip), port)
+        if entry.hostname and (address := resolve(entry.hostname)) is not None:
+            return Endpoint(address, port)
+    return None
+
+
+def node_port_endpoint(cluster: Cluster, pod: Any, svc: Any, deadline: Deadline) -> Endpoint:
+    """The node the pod runs on (externalTrafficPolicy Local answers only there) and the node port."""
+    node_port = int(svc.spec.ports[0].node_port)
+    if pod.spec.host_network:
+        return Endpoint(ipaddress.ip_address(pod.status.pod_ip), node_port)
+    name = pod.spec.node_name
+    node = cluster.call(f"reading node {name}", cluster.core.read_node, name, deadline=deadline)
+    addresses = {a.type: a.address for a in node.status.addresses or []}
+    address = addresses.get("ExternalIP") or addresses.get("InternalIP")
+    if not address:
+        raise KubeError(f"node {name} reports no InternalIP or ExternalIP address for its node port")
+    return Endpoint(ipaddress.ip_address(address), node_port)
+
+
+def resolve(hostname: str) -> IPAddress | None:
+    """An IPv4 address of ``hostname`` (else IPv6), or None while its DNS record is not there yet."""
+    try:
+        infos = socket.getaddrinfo(hostname, None, proto=socket.IPPROTO_UDP)
+    except OSError:
+        return None
+    addresses = sorted({ipaddress.ip_address(info[4][0]) for info in infos}, key=lambda a: (a.version, a))
+    return addresses[0] if addresses else None
+
+
+def describe_service(svc: Any) -> str:
+    """One line: type, name, ports and load-balancer ingress."""
+    ingress = [e.ip or e.hostname for e in svc.status.load_balancer.ingress or []]
+    ports = ", ".join(f"{p.port}/{p.protocol} node port {p.node_port}" for p in svc.spec.ports)
+    where = f"{svc.metadata.namespace}/{svc.metadata.name}"
+    return f"{svc.spec.type} {where}: ports {ports}; load-balancer {ingress or 'none'}"
+
+
+def recent_events(cluster: Cluster, namespace: str, deadline: Deadline, count: int = 20) -> str:
+    """The namespace's last events, oldest first, one line each."""
+    events = cluster.call(
+        f"listing events in {namespace}", cluster.core.list_namespaced_event, namespace, deadline=deadline
+    )
+    items = sorted(events.items, key=lambda e: e.last_timestamp or e.event_time or e.metadata.creation_timestamp)
+    lines = [f"{e.type} {e.involved_object.kind}/{e.involved_object.name} {e.reason}: {e.message}" for e in items]
+    return "\n".join(lines[-count:]) or "no events"

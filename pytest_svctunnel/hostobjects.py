@@ -1,0 +1,95 @@
+"""A run's objects on this host, found by its id alone: what exists, and removing all of it.
+
+A run may own network namespaces ``svt-<id>-*`` (a lab, a test cluster's nodes), links
+``svt<id>-*`` in this namespace (a lab's wire, the tunnel devices), the lab's agent and any
+process inside its namespaces. Used by the lab's ``down``, by ``svctunnel reap`` for runs
+whose owner is gone, and by the tests' leak checks' remedy. Needs nothing the run recorded
+but its agent's pid file, so it also works for a run whose setup was cut short.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import device, names, netns, pids
+from .errors import LabError, SvcTunnelError
+from .labagent import LabAgent
+from .runs import Run
+from .waiting import Deadline, wait_for
+
+NETNS_DIR = Path("/run/netns")  # where named network namespaces live
+AGENT_STOP_S = 10.0
+
+
+@dataclass(frozen=True)
+class Leftovers:
+    """What exists of one run on this host right now (and, filled in by the reaper, in a cluster)."""
+
+    namespaces: tuple[str, ...]
+    links: tuple[str, ...]
+    processes: tuple[int, ...]
+    cluster: str = ""  # the Kubernetes objects it recorded
+
+    @classmethod
+    def of(cls, run: Run) -> Leftovers:
+        namespaces = tuple(netns.listing(names.netns_prefix(run.id)))
+        found = {ref.pid for ref in pids.in_netns(_identities(namespaces))}
+        agent = _agent(run)
+        if agent.alive() and agent.pid is not None:
+            found.add(agent.pid)
+        links = tuple(device.links_with_prefix(None, names.link_prefix(run.id)))
+        return cls(namespaces, links, tuple(sorted(found)))
+
+    def describe(self) -> str:
+        parts = [
+            f"{label} {', '.join(map(str, items))}"
+            for label, items in (("namespaces", self.namespaces), ("links", self.links), ("processes", self.processes))
+            if items
+        ]
+        if self.cluster:
+            parts.append(f"Kubernetes {self.cluster}")
+        return "; ".join(parts) if parts else "only its state directory"
+
+
+def _agent(run: Run) -> LabAgent:
+    return LabAgent(run, names.netns_name(run.id, "pod"))
+
+
+def _identities(namespaces: tuple[str, ...] | list[str]) -> set[tuple[int, int]]:
+    return {ident for name in namespaces if (ident := pids.netns_id(NETNS_DIR / name)) is not None}
+
+
+def remove_run_objects(run: Run, deadline: Deadline) -> None:
+    """Stop the run's agent and every process in its namespaces, remove the namespaces and this
+    namespace's links of the run, and wait until they are gone. Gone already is success;
+    LabError names what is left."""
+    errors: list[str] = []
+    with contextlib.suppress(SvcTunnelError, OSError):  # what survives is stopped with the namespaces' processes
+        _agent(run).stop(min(deadline.remaining(), AGENT_STOP_S))
+    namespaces = netns.listing(names.netns_prefix(run.id))
+    identities = _identities(namespaces)
+    pids.terminate(pids.in_netns(identities), deadline)
+    for name in namespaces:
+        try:
+            netns.remove(name)
+        except SvcTunnelError as exc:
+            errors.append(str(exc))
+    prefix = names.link_prefix(run.id)
+    for name in device.links_with_prefix(None, prefix):
+        device.delete_link(None, name)
+    # again: a process may have entered a namespace between the first look and its removal
+    if stuck := pids.terminate(pids.in_netns(identities), deadline):
+        errors.append(f"processes {', '.join(str(p.pid) for p in stuck)} in its namespaces survived SIGKILL")
+    wait_for(
+        lambda: None if device.links_with_prefix(None, prefix) else True,
+        phase="removal of the run's links",
+        deadline=deadline,
+        describe=lambda: f"links still there: {device.links_with_prefix(None, prefix)}",
+    )
+    if errors:
+        raise LabError(
+            f"removing run {run.id}: " + "; ".join(errors) + "; everything left carries the run id:"
+            " 'svctunnel reap' removes it once this process has exited"
+        )

@@ -1,0 +1,123 @@
+"""Pure parts of the kubernetes backend: reading pods container by container (regular, init and
+ephemeral), and load-balancer host names. The backend itself is proven against a real control
+plane in test_kube_e2e.py."""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any
+
+import pytest
+from kubernetes import client
+
+from pytest_svctunnel.backends.kubernetes import objects, podstate
+from pytest_svctunnel.errors import KubeError
+
+
+def status(name: str, waiting: str | None = None, exit_code: int | None = None) -> client.V1ContainerStatus:
+    state = client.V1ContainerState(
+        waiting=client.V1ContainerStateWaiting(reason=waiting, message="details") if waiting else None,
+        running=None if waiting else client.V1ContainerStateRunning(),
+    )
+    last = (
+        client.V1ContainerState(terminated=client.V1ContainerStateTerminated(exit_code=exit_code))
+        if exit_code is not None
+        else None
+    )
+    return client.V1ContainerStatus(
+        name=name, image="i", image_id="", ready=False, restart_count=3, state=state, last_state=last
+    )
+
+
+def pod(
+    waiting: str | None = None,
+    unschedulable: bool = False,
+    exit_code: int | None = None,
+    init: list[client.V1ContainerStatus] | None = None,
+    ephemeral: list[client.V1ContainerStatus] | None = None,
+) -> client.V1Pod:
+    conditions = (
+        [client.V1PodCondition(type="PodScheduled", status="False", reason="Unschedulable", message="0/1 nodes")]
+        if unschedulable
+        else []
+    )
+    return client.V1Pod(
+        metadata=client.V1ObjectMeta(name="p"),
+        spec=client.V1PodSpec(containers=[], node_name="n1"),
+        status=client.V1PodStatus(
+            phase="Pending",
+            conditions=conditions,
+            container_statuses=[status("agent", waiting, exit_code)],
+            init_container_statuses=init,
+            ephemeral_container_statuses=ephemeral,
+        ),
+    )
+
+
+@pytest.mark.parametrize(
+    ("waiting", "says"),
+    [
+        ("ErrImagePull", "its image cannot be pulled"),
+        ("ImagePullBackOff", "kind load docker-image"),
+        ("InvalidImageName", "its image name is invalid"),
+        ("ErrImageNeverPull", "may not be pulled"),
+        ("CreateContainerConfigError", "cannot be configured"),
+        ("CrashLoopBackOff", "it keeps exiting"),
+    ],
+)
+def test_states_a_pod_cannot_leave_fail_at_once(waiting: str, says: str) -> None:
+    with pytest.raises(KubeError, match=f"pod p, container agent: .*{says}"):
+        podstate.raise_if_stuck(pod(waiting), "agent")
+
+
+def test_a_crash_loop_names_the_last_exit_code() -> None:
+    with pytest.raises(KubeError, match="last exit code 2"):
+        podstate.raise_if_stuck(pod("CrashLoopBackOff", exit_code=2))
+
+
+def test_an_unschedulable_pod_names_the_node_option() -> None:
+    with pytest.raises(KubeError, match=r"cannot be scheduled: 0/1 nodes.*--svctunnel-node"):
+        podstate.raise_if_stuck(pod(unschedulable=True), "agent")
+
+
+@pytest.mark.parametrize("waiting", [None, "ContainerCreating", "PodInitializing"])
+def test_states_on_the_way_are_waited_for(waiting: str | None) -> None:
+    podstate.raise_if_stuck(pod(waiting), "agent")
+
+
+CONTAINERS: dict[str, dict[str, Any]] = {
+    # the pod's own container runs; ours is the init (sidecar) or ephemeral one
+    "ephemeral": {"ephemeral": [status("svctunnel-x1", "ErrImagePull")]},
+    "init-sidecar": {"init": [status("svctunnel-x1", "CrashLoopBackOff", exit_code=1)]},
+}
+
+
+@pytest.mark.parametrize("kind", list(CONTAINERS))
+def test_the_named_container_is_found_whatever_its_kind(kind: str) -> None:
+    stuck = pod(**CONTAINERS[kind])
+    found = podstate.container_status(stuck, "svctunnel-x1")
+    assert found is not None and found.kind == kind.split("-")[0] and found.name == "svctunnel-x1"
+    assert podstate.running(stuck, "agent") and not podstate.running(stuck, "svctunnel-x1")
+    podstate.raise_if_stuck(stuck, "agent")  # the other containers' states are not the agent's
+    with pytest.raises(KubeError, match=f"container {kind.split('-')[0]} svctunnel-x1: "):
+        podstate.raise_if_stuck(stuck, "svctunnel-x1")
+
+
+def test_a_container_not_reported_yet_is_not_running() -> None:
+    assert podstate.container_status(pod(), "svctunnel-x1") is None
+    assert not podstate.running(pod(), "svctunnel-x1")
+
+
+def test_pod_line_has_phase_node_and_every_containers_state() -> None:
+    line = podstate.describe_pod(pod("ImagePullBackOff"))
+    assert line == "pod p: Pending on n1 ip - [] agent: waiting (ImagePullBackOff)"
+    both = podstate.describe_pod(pod(ephemeral=[status("svctunnel-x1")], init=[status("setup", "CrashLoopBackOff")]))
+    assert both.endswith(
+        "init setup: waiting (CrashLoopBackOff); agent: running, ready=False, restarts=3;"
+        " ephemeral svctunnel-x1: running, ready=False, restarts=3"
+    )
+
+
+def test_a_load_balancer_host_name_resolves() -> None:
+    assert objects.resolve("localhost") in {ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1")}
+    assert objects.resolve("no-such-host.invalid") is None
