@@ -20,6 +20,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from .errors import KernelError
 from .protocol import Endpoint
+from .shield import shield
 from .values import IPAddress
 from .waiting import Deadline, wait_for
 
@@ -36,15 +37,20 @@ def tunnel_mtu(underlay_mtu: int, outer_version: int) -> int:
 
 @contextmanager
 def netlink(netns: str | None) -> Iterator[Any]:
-    """An rtnetlink socket in ``netns`` (an existing one; never created here)."""
-    try:
-        ipr: Any = NetNS(netns, flags=0) if netns else IPRoute()
-    except OSError as exc:
-        raise KernelError(f"cannot open network namespace {netns!r}: {exc}") from None
-    try:
-        yield ipr
-    finally:
-        ipr.close()
+    """An rtnetlink socket in ``netns`` (an existing one; never created here).
+
+    Ctrl-C, SIGTERM and pytest-timeout's alarm wait until it is closed again: pyroute2 catches
+    every exception raised while it parses a message (a bare ``except``), so an interrupt that
+    lands there would be lost, and the session would carry on as if nothing had happened."""
+    with shield():
+        try:
+            ipr: Any = NetNS(netns, flags=0) if netns else IPRoute()
+        except OSError as exc:
+            raise KernelError(f"cannot open network namespace {netns!r}: {exc}") from None
+        try:
+            yield ipr
+        finally:
+            ipr.close()
 
 
 @dataclass(frozen=True)

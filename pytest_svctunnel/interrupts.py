@@ -119,6 +119,24 @@ class InterruptReport:
             reporter.pytest_keyboard_interrupt(with_line_numbers(excinfo))
             return None
 
+    @pytest.hookimpl(wrapper=True, tryfirst=True)
+    def pytest_runtest_makereport(
+        self, item: pytest.Item, call: pytest.CallInfo[None]
+    ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+        """The same hole in a test's report: pytest-timeout's alarm in a fixture's setup made the
+        report itself crash (INTERNALERROR) instead of failing the test with "Timeout"."""
+        if call.excinfo is not None and _has_hole(call.excinfo.tb):
+            call.excinfo = with_line_numbers(call.excinfo)
+        return (yield)
+
+
+def _has_hole(tb: TracebackType | None) -> bool:
+    while tb is not None:
+        if tb.tb_lineno is None:
+            return True
+        tb = tb.tb_next
+    return False
+
 
 def with_line_numbers(excinfo: pytest.ExceptionInfo[BaseException]) -> pytest.ExceptionInfo[BaseException]:
     """The same exception, its traceback without the entries that have no line number."""

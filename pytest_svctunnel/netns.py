@@ -10,6 +10,7 @@ from pathlib import Path
 from pyroute2 import netns as _netns
 
 from .errors import KernelError
+from .shield import shield
 
 _RUN_DIR = Path("/run/netns")
 _CMD_TIMEOUT_S = 20.0
@@ -23,7 +24,8 @@ def create(name: str) -> None:
     if exists(name):
         raise KernelError(f"network namespace {name} already exists; remove it with 'ip netns del {name}'")
     try:
-        _netns.create(name)
+        with shield():  # pyroute2 could swallow an interrupt (see device.netlink)
+            _netns.create(name)
     except OSError as exc:
         raise KernelError(f"creating network namespace {name}: {exc}") from None
 

@@ -837,3 +837,37 @@ def test_an_interrupt_pytest_cannot_format_still_ends_as_interrupted(pytester: p
     assert "Traceback" not in result.stderr.str(), result.stderr.str()
     without = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-p", "no:svctunnel")
     assert without.ret not in (INTERRUPTED, pytest.ExitCode.OK), "the simulated fault must break pytest without us"
+
+
+HOLE_SUITE = """
+import sys, types
+import pytest
+
+
+@pytest.fixture
+def alarmed():
+    # what pytest-timeout's alarm can leave in a fixture's setup on Python 3.11: a traceback entry at
+    # an instruction without a line number (made here with an offset past the end of the code)
+    try:
+        raise pytest.fail.Exception("Timeout (>0.3s) from pytest-timeout.", pytrace=True)
+    except BaseException as exc:
+        hole = types.TracebackType(None, sys._getframe(), 10**6, -1)
+        assert hole.tb_lineno is None
+        tb = exc.__traceback__
+        raise exc.with_traceback(types.TracebackType(hole, tb.tb_frame, tb.tb_lasti, tb.tb_lineno))
+
+
+def test_setup_times_out(alarmed):
+    pass
+"""
+
+
+def test_a_setup_failure_pytest_cannot_format_still_fails_the_test(pytester: pytest.Pytester) -> None:
+    """pytest's report of a setup failure crashed (INTERNALERROR, exit 3) on a traceback entry
+    without a line number; the plugin reports the failure without that entry."""
+    pytester.makepyfile(test_hole=HOLE_SUITE)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-p", "no:hypothesispytest", "-rA")
+    assert result.ret == pytest.ExitCode.TESTS_FAILED, result.stdout.str() + result.stderr.str()
+    result.stdout.fnmatch_lines(["ERROR test_hole.py::test_setup_times_out - Failed: Timeout*"])
+    without = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-p", "no:hypothesispytest", "-p", "no:svctunnel")
+    assert without.ret == pytest.ExitCode.INTERNAL_ERROR, "the simulated hole must break pytest without us"

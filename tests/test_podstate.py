@@ -1,17 +1,21 @@
 """Pure parts of the kubernetes backend: reading pods container by container (regular, init and
-ephemeral), and load-balancer host names. The backend itself is proven against a real control
-plane in test_kube_e2e.py."""
+ephemeral), load-balancer host names, and interrupts during a request. The backend itself is
+proven against a real control plane in test_kube_e2e.py."""
 
 from __future__ import annotations
 
 import ipaddress
+import os
+import signal
 from typing import Any
 
 import pytest
 from kubernetes import client
 
 from pytest_svctunnel.backends.kubernetes import objects, podstate
+from pytest_svctunnel.backends.kubernetes.client import Cluster
 from pytest_svctunnel.errors import KubeError
+from pytest_svctunnel.waiting import Deadline
 
 
 def status(name: str, waiting: str | None = None, exit_code: int | None = None) -> client.V1ContainerStatus:
@@ -121,3 +125,21 @@ def test_pod_line_has_phase_node_and_every_containers_state() -> None:
 def test_a_load_balancer_host_name_resolves() -> None:
     assert objects.resolve("localhost") in {ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1")}
     assert objects.resolve("no-such-host.invalid") is None
+
+
+def test_an_interrupt_during_an_api_request_is_not_swallowed() -> None:
+    """The client can catch whatever is raised inside it and raise something else (pydantic turned
+    a SIGTERM's KeyboardInterrupt into a ValidationError): an interrupt waits for the request."""
+
+    def swallowing_request(*, _request_timeout: float) -> str:
+        try:
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while the client works
+            for _ in range(1000):
+                pass  # the interpreter runs handlers between instructions
+        except BaseException as exc:  # what the client's validation does with it
+            raise ValueError(f"validation error: {exc!r}") from None
+        return "response"
+
+    cluster = Cluster(api=None, source="test")
+    with pytest.raises(KeyboardInterrupt):
+        cluster.call("reading something", swallowing_request, deadline=Deadline.after(5))

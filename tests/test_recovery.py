@@ -58,18 +58,31 @@ def both_ping(dev: str) -> bool:
     return all(ping_once(dev, ipaddress.ip_interface(remote).ip, 0.2) for remote in (REMOTE4, REMOTE6))
 
 
-def assert_recovers(dev: str, fault_ended: float) -> float:
-    """Wait for IPv4 and IPv6 pings; fail if they are not back within three keepalive intervals."""
-    deadline = Deadline(3 * KEEPALIVE, fault_ended + 3 * KEEPALIVE)
+def first_pings_after(dev: str, fault_ended: float, seconds: float) -> float | None:
+    """Seconds from the fault's end to IPv4 and IPv6 pings over ``dev`` again, or None within ``seconds``."""
+    deadline = Deadline(seconds, fault_ended + seconds)
     while not deadline.expired():
         try:
             if both_ping(dev):
-                took = time.monotonic() - fault_ended
-                print(f"recovered {took:.2f} s after the fault ended")
-                return took
+                return time.monotonic() - fault_ended
         except OSError:
             time.sleep(0.05)  # the external end is rebuilding its device
-    raise AssertionError(f"no IPv4 and IPv6 pings over {dev} within {3 * KEEPALIVE:g} s of the fault ending")
+    return None
+
+
+def assert_recovers(dev: str, fault_ended: float, external: Connect, lab: Lab) -> float:
+    """Wait for IPv4 and IPv6 pings; fail if they are not back within three keepalive intervals,
+    saying when they did come back (if within ten more) and what both ends logged."""
+    took = first_pings_after(dev, fault_ended, 3 * KEEPALIVE)
+    if took is not None:
+        print(f"recovered {took:.2f} s after the fault ended")
+        return took
+    late = first_pings_after(dev, fault_ended, 3 * KEEPALIVE + 10)
+    raise AssertionError(
+        f"no IPv4 and IPv6 pings over {dev} within {3 * KEEPALIVE:g} s of the fault ending"
+        f" ({'not within 10 s more' if late is None else f'they came back after {late:.2f} s'});"
+        f"\nexternal end:\n{external.stderr()}\nagent:\n{lab.log_tail(30)}"
+    )
 
 
 def test_node_conntrack_flushed_while_the_pod_sends(tunnel: Connect, agent: Lab, dev: str) -> None:
@@ -82,7 +95,7 @@ def test_node_conntrack_flushed_while_the_pod_sends(tunnel: Connect, agent: Lab,
     try:
         faults.flush_node_conntrack_pod_first(agent)  # returns once the pod's masqueraded flow exists
         ended = time.monotonic()
-        assert_recovers(dev, ended)
+        assert_recovers(dev, ended, tunnel, agent)
     finally:
         talker.terminate()
         talker.wait(10)
@@ -93,14 +106,14 @@ def test_node_conntrack_flushed_while_the_pod_sends(tunnel: Connect, agent: Lab,
 
 def test_pod_restarted(tunnel: Connect, agent: Lab, key: bytes, dev: str) -> None:
     faults.restart_pod(agent, key)
-    assert_recovers(dev, time.monotonic())
+    assert_recovers(dev, time.monotonic(), tunnel, agent)
     assert "up: tunnel up" in agent.log_text()
 
 
 def test_home_nat_rebinds(tunnel: Connect, agent: Lab, dev: str) -> None:
     faults.rebind_home_nat(agent, (40000, 49999))
     ended = time.monotonic()
-    assert_recovers(dev, ended)
+    assert_recovers(dev, ended, tunnel, agent)
     assert "peer moved to" in agent.log_text()
     peer_port = int(agent.log_text().split("peer moved to ")[-1].split(",")[0].rsplit(":", 1)[1])
     assert 40000 <= peer_port <= 49999
@@ -134,7 +147,7 @@ def test_agent_stopped_until_the_path_forgot_the_flow(tunnel: Connect, agent: La
     )
     assert not both_ping(dev)
     agent.start_agent(key)
-    assert_recovers(dev, time.monotonic())
+    assert_recovers(dev, time.monotonic(), tunnel, agent)
 
 
 def test_external_end_restarted(tunnel: Connect, agent: Lab, key_file: Path, dev: str, connect: type[Connect]) -> None:
@@ -143,7 +156,7 @@ def test_external_end_restarted(tunnel: Connect, agent: Lab, key_file: Path, dev
     started = time.monotonic()
     fresh = connect(connect_args(agent, key_file, dev))
     fresh.ready_line()
-    assert_recovers(dev, started)
+    assert_recovers(dev, started, fresh, agent)
 
 
 def fdb_points_somewhere(ns: str, dev: str) -> bool:

@@ -2,8 +2,9 @@
 
 Every request goes through ``Cluster.call``: it carries a request timeout bounded by the
 caller's deadline (and at most ``MAX_REQUEST_S``), it is never retried behind our back (a
-retry would double the time a request may take), and every error becomes a KubeError that
-says what failed and what to do. Only the official client; no kubectl.
+retry would double the time a request may take), interrupts wait until it returns (the client
+can turn an exception raised inside it into another), and every error becomes a KubeError
+that says what failed and what to do. Only the official client; no kubectl.
 
 The client is imported here only, and this module only when the kubernetes backend is used.
 """
@@ -21,6 +22,7 @@ from kubernetes.client.exceptions import ApiException
 from kubernetes.config.config_exception import ConfigException
 
 from ...errors import ConfigError, KubeError
+from ...shield import shield
 from ...waiting import Deadline
 
 MAX_REQUEST_S = 15.0  # one request; waits poll with their own deadlines
@@ -59,7 +61,10 @@ class Cluster:
         404 Not Found (gone already) returns None."""
         timeout = request_timeout(deadline)
         try:
-            return method(*args, _request_timeout=timeout, **kw)
+            # Ctrl-C, SIGTERM and pytest-timeout's alarm wait for the request (at most its timeout):
+            # raised inside the client, a KeyboardInterrupt can come out as a pydantic ValidationError
+            with shield():
+                return method(*args, _request_timeout=timeout, **kw)
         except ApiException as exc:
             if missing_ok and exc.status == 404:
                 return None
