@@ -19,6 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import FrameType
 
+from pyroute2.netlink.exceptions import NetlinkError
+
 from . import device, nft
 from .agentsettings import AgentSettings, describe
 from .errors import KernelError, SvcTunnelError
@@ -341,7 +343,7 @@ def run_agent(settings: AgentSettings) -> int:
     except SvcTunnelError as exc:
         log.error("%s", exc)
         return 1
-    except OSError as exc:  # a kernel refusal nothing above foresaw: one line, never a traceback
+    except (OSError, NetlinkError) as exc:  # a kernel refusal nothing above foresaw: one line, never a traceback
         log.error(
             "stopped: %s; check the agent's settings above, its capabilities (NET_ADMIN, NET_RAW) and"
             " its network namespace",

@@ -20,12 +20,12 @@ from typing import Any
 from . import keys
 from .errors import ConfigError
 from .guard import DEFAULT_MAX_SKEW_S
+from .protocol import DEFAULT_PORT
 from .values import IPAddress, parse_address, parse_bool, parse_ifname, parse_port, parse_seconds, parse_text
 
 ENV_PREFIX = "SVCTUNNEL_"
 KEY_FILE_ENV = "SVCTUNNEL_KEY_FILE"
 KEY_ENV = "SVCTUNNEL_KEY"
-DEFAULT_PORT = 5533
 
 
 @dataclass(frozen=True)

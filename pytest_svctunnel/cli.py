@@ -18,7 +18,7 @@ from .errors import ConfigError, SvcTunnelError
 from .lab import Lab, lab_runs
 from .networks import DEFAULT_VNI, single_network
 from .privileges import require_net_admin
-from .protocol import Endpoint
+from .protocol import DEFAULT_PORT, Endpoint
 from .reaper import Reaper
 from .runs import Run
 from .values import parse_ifname, parse_misses, parse_port, parse_seconds, parse_vni
@@ -67,10 +67,10 @@ def _iface(version: int) -> Callable[[str], Any]:
 
 
 def _service(text: str) -> Endpoint:
-    host, port = text, "5533"
+    host, port = text, str(DEFAULT_PORT)
     if text.startswith("["):
         host, _, rest = text[1:].partition("]")
-        port = rest[1:] if rest.startswith(":") else "5533"
+        port = rest[1:] if rest.startswith(":") else str(DEFAULT_PORT)
     elif text.count(":") == 1:
         host, port = text.split(":")
     try:
@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     lab = sub.add_parser("lab", help="the built-in lab: namespaces that copy a cluster's network path")
     lab_sub = lab.add_subparsers(dest="lab_command", required=True, parser_class=_Parser)
     up = lab_sub.add_parser("up", help="build a lab and start its agent; prints how to connect")
-    up.add_argument("--port", type=_port, default=5533)
+    up.add_argument("--port", type=_port, default=DEFAULT_PORT)
     up.add_argument("--keep-ports", action="store_true", help="the home router keeps source ports")
     for name in ("down", "status"):
         cmd = lab_sub.add_parser(name, help=f"{name} a lab (all labs when --run is not given)")

@@ -13,6 +13,7 @@ from typing import Any
 
 from .backends.kubernetes.options import DEFAULT_IMAGE, SERVICE_TYPES
 from .errors import ConfigError
+from .protocol import DEFAULT_PORT
 from .values import (
     IPAddress,
     choice,
@@ -75,7 +76,7 @@ OPTIONS: tuple[Option, ...] = (
         "where the pod end runs: kubernetes (the cluster of the kubeconfig) or lab (namespaces on this host)",
     ),
     Option("peer", parse_address, None, "the address hellos must come from, as the pod sees it; others are ignored"),
-    Option("port", parse_port, "5533", "the Service's UDP port, also the pod end's listening port"),
+    Option("port", parse_port, str(DEFAULT_PORT), "the Service's UDP port, also the pod end's listening port"),
     Option("vni", parse_vni, "333", "VNI of the default network"),
     Option("timeout", parse_seconds, "60", "deadline in seconds for each setup and teardown phase"),
     Option("keep", choice(KEEP), "never", "keep what the session built: never, on-failure or always"),

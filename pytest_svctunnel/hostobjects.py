@@ -3,8 +3,8 @@
 A run may own network namespaces ``svt-<id>-*`` (a lab, a test cluster's nodes), links
 ``svt<id>-*`` in this namespace (a lab's wire, the tunnel devices), the lab's agent and any
 process inside its namespaces. Used by the lab's ``down``, by ``svctunnel reap`` for runs
-whose owner is gone, and by the tests' leak checks' remedy. Needs nothing the run recorded
-but its agent's pid file, so it also works for a run whose setup was cut short.
+whose owner is gone, and by the tests' cluster network. Needs nothing the run recorded but
+its agent's pid file, so it also works for a run whose setup was cut short.
 """
 
 from __future__ import annotations

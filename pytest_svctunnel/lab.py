@@ -17,6 +17,7 @@ root-namespace link is named with the run id, and ``down`` removes them all.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import socket
 from collections.abc import Iterator
@@ -26,9 +27,10 @@ from pathlib import Path
 
 from . import device, names, netns, nft
 from .agentsettings import AgentSettings
-from .hostobjects import remove_run_objects
+from .errors import SvcTunnelError
+from .hostobjects import AGENT_STOP_S, remove_run_objects
 from .labagent import LabAgent
-from .protocol import Endpoint
+from .protocol import DEFAULT_PORT, Endpoint
 from .runs import Run, all_runs
 from .shield import shield
 from .values import IPAddress
@@ -47,7 +49,7 @@ class LabPlan:
 
     run_id: str
     block: int
-    port: int = 5533
+    port: int = DEFAULT_PORT
     rewrite_ports: bool = True
 
     def ns(self, role: str) -> str:
@@ -173,7 +175,7 @@ class Lab:
     Works without pytest; ``svctunnel lab`` and the plugin's lab backend both use it.
     """
 
-    def __init__(self, run: Run, port: int = 5533, rewrite_ports: bool = True) -> None:
+    def __init__(self, run: Run, port: int = DEFAULT_PORT, rewrite_ports: bool = True) -> None:
         self.run = run
         saved = run.read(_LAB_FILE)
         if saved:
@@ -261,7 +263,10 @@ class Lab:
         """Stop the agent and anything else running in the lab, remove every namespace and link of
         the run, and wait until gone. SIGINT, SIGTERM and SIGALRM wait until this is done."""
         with shield():
-            remove_run_objects(self.run, Deadline.after(timeout))
+            deadline = Deadline.after(timeout)
+            with contextlib.suppress(SvcTunnelError, OSError):  # what survives goes with the namespaces
+                self.agent.stop(min(deadline.remaining(), AGENT_STOP_S))  # waits for our own child too
+            remove_run_objects(self.run, deadline)
 
     def exists(self) -> bool:
         return any(netns.exists(self.plan.ns(r)) for r in ROLES)
@@ -273,8 +278,10 @@ class Lab:
     def link_report(self, role: str) -> str:
         """Link state and counters of the VXLAN devices in one lab namespace."""
         with device.netlink(self.plan.ns(role)) as ipr:
-            names = [str(link.get_attr("IFLA_IFNAME")) for link in ipr.get_links() if device.link_kind(link) == "vxlan"]
-        states = [device.link_state(self.plan.ns(role), name) for name in names]
+            tunnels = [
+                str(link.get_attr("IFLA_IFNAME")) for link in ipr.get_links() if device.link_kind(link) == "vxlan"
+            ]
+        states = [device.link_state(self.plan.ns(role), name) for name in tunnels]
         return "\n".join(s.render() for s in states if s) or "(no tunnel devices)"
 
     def status(self) -> str:

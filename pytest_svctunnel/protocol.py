@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from .values import IPAddress, ifname_problem
 
 MAGIC = b"SVTN"
+DEFAULT_PORT = 5533  # the Service port and the pod end's listening port, as in the original
 VERSION = 1
 MAC_LEN = 32
 MAX_NETWORKS = 16

@@ -6,14 +6,14 @@ Plain Python: the pytest fixtures are a thin shell over ``TunnelSession``.
 from __future__ import annotations
 
 import ipaddress
-import logging
 from collections.abc import Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass
 from types import MappingProxyType
 
 from . import diagnostics, keys, names
-from .backends import Backend, make_backend
+from .backends import make_backend
+from .backends.base import Backend
 from .config import TunnelConfig
 from .connector import Connection, ConnectSettings, ExternalEnd
 from .networks import DEFAULT_NAME, Network
@@ -23,8 +23,6 @@ from .runs import Run
 from .shield import shield
 from .values import IPAddress
 from .waiting import Deadline, Stopwatch
-
-log = logging.getLogger("svctunnel.session")
 
 
 @dataclass(frozen=True)

@@ -97,11 +97,6 @@ def ifname_problem(name: str) -> str | None:
     return None
 
 
-def valid_ifname(name: str) -> bool:
-    """Whether ``name`` is a usable Linux interface name (see ``ifname_problem``)."""
-    return ifname_problem(name) is None
-
-
 def parse_ifname(text: str) -> str:
     """A Linux interface name: 1 to 15 printable ASCII characters, no '/', ':', '%' or space."""
     problem = ifname_problem(text)

@@ -48,9 +48,18 @@ def wait_for(
         if result is not None:
             return result
         if deadline.expired():
-            state = describe() if describe else "condition never held"
-            raise WaitTimeout(phase, deadline.seconds, state, hint)
+            raise WaitTimeout(phase, deadline.seconds, _last_state(describe), hint)
         time.sleep(min(interval, max(deadline.remaining(), 0.001)))
+
+
+def _last_state(describe: Callable[[], str] | None) -> str:
+    """What ``describe`` says, or why it could not say it: never an error that hides the timeout."""
+    if describe is None:
+        return "condition never held"
+    try:
+        return describe()
+    except Exception as exc:  # e.g. the API server that kept the condition from holding
+        return f"(could not be read: {exc})"
 
 
 class Stopwatch:

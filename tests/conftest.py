@@ -11,12 +11,18 @@ import pytest
 from pytest_svctunnel import keys, names
 from pytest_svctunnel.lab import Lab
 from pytest_svctunnel.runs import STATE_ENV, Run
+from pytest_svctunnel.values import FALSE
 
 from .dirwatch import DirectoryWatch
 from .helpers import Connect, leftovers
 
 pytest_plugins = ["pytester"]
 ROOT_RULE = "needs root and network namespaces"
+
+
+def in_ci() -> bool:
+    """CI is set (to anything but a false value, as values.parse_bool spells them)."""
+    return os.environ.get("CI", "").strip().lower() not in ("", *FALSE)
 
 
 def can_use_netns() -> bool:
@@ -29,7 +35,7 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     marked ``root`` skips without root locally, and fails where CI is set."""
     if item.get_closest_marker("root") is None or can_use_netns():
         return
-    if os.environ.get("CI"):
+    if in_ci():
         pytest.fail(f"{ROOT_RULE}, but CI runs without them: run .ci/run as root", pytrace=False)
     pytest.skip(ROOT_RULE)
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import select
 import shutil
 import signal
@@ -19,9 +18,18 @@ from pytest_svctunnel import names
 
 
 def agent_pids(run_id: str, root: Path) -> list[str]:
-    """The lab agents of one run under the state root ``root``."""
-    pattern = f"pytest_svctunnel agent --key-file {re.escape(str(root))}/{run_id}/key"
-    return subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout.split()
+    """``svctunnel agent`` processes of one run under the state root ``root``: whatever their
+    flags, one of their arguments is a path in the run's state directory (its key file)."""
+    run_dir = f"{root / run_id}/"
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            argv = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:  # not a process, or gone meanwhile
+            continue
+        if "agent" in argv and any("svctunnel" in a for a in argv) and any(a.startswith(run_dir) for a in argv):
+            found.append(entry.name)
+    return found
 
 
 def leftovers(run_id: str, root: Path) -> dict[str, list[str]]:

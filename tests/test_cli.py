@@ -143,11 +143,19 @@ def test_agent_reads_its_settings_from_the_environment(tmp_path: Path) -> None:
     assert str(env_key) in done.stderr and "too short" in done.stderr
 
 
-def test_lab_down_of_an_unknown_run_is_a_usage_error() -> None:
-    done = run_cli("lab", "down", "--run", "zzzzzz")
-    assert done.returncode == 2
-    assert "lab status" in done.stderr
-    assert not netns.listing("svt-zzzzzz")
+@pytest.mark.parametrize("unknown", ["zzzzzz", "../../etc", new_run_id()])
+def test_lab_down_of_an_unknown_run_is_a_usage_error(unknown: str) -> None:
+    """Nothing is touched: not the labs there are (a command that fell back to 'all labs' would
+    remove this one's record)."""
+    other = Run.new()
+    other.write("lab.json", {"block": 1, "port": 5533, "rewrite_ports": True})
+    try:
+        done = run_cli("lab", "down", "--run", unknown)
+        assert done.returncode == 2, done
+        assert f"no lab with run id {unknown}" in done.stderr and "lab status" in done.stderr
+        assert (other.dir / "lab.json").exists()
+    finally:
+        other.remove()
 
 
 # -- the agent in a network namespace of its own ------------------------------------------------------------

@@ -61,6 +61,8 @@ import time
 
 from kubernetes import client, config
 
+from pytest_svctunnel import names
+
 
 def ping(address, dev):
     done = subprocess.run(["ping", "-c", "1", "-W", "1", "-I", dev, str(address)], capture_output=True)
@@ -69,7 +71,7 @@ def ping(address, dev):
 
 def test_agent_pod_restart_heals_the_tunnel(svctunnel):
     core = client.CoreV1Api(config.new_client_from_config(config_file=os.environ["SVCTUNNEL_KUBECONFIG"]))
-    selector = f"svctunnel.dev/run={svctunnel.run_id}"
+    selector = names.label_selector(svctunnel.run_id)
     (old,) = core.list_pod_for_all_namespaces(label_selector=selector).items
     assert ping(svctunnel.remote_ipv4.ip, svctunnel.dev)
     core.delete_namespaced_pod(old.metadata.name, old.metadata.namespace)

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from pytest_svctunnel import agentsettings
 from pytest_svctunnel.agentsettings import AgentSettings
 from pytest_svctunnel.backends.kubernetes import manifests as render
+from pytest_svctunnel.backends.kubernetes.backend import AGENT_CONTAINER
 from pytest_svctunnel.names import RUN_LABEL
 
 MANIFESTS = Path(__file__).parent.parent / "manifests"
@@ -31,7 +32,7 @@ AGENT_FIELDS = {"port", "peer", "bridge", "host_network", "key"}
 
 
 def _end(**changes: Any) -> render.PodEnd:
-    agent = {"key": bytes.fromhex(KEY), "ready_file": Path(render.READY_FILE)}
+    agent: dict[str, Any] = {"key": bytes.fromhex(KEY), "ready_file": Path(render.READY_FILE)}
     agent.update({k: v for k, v in changes.items() if k in AGENT_FIELDS})
     values: dict[str, Any] = {
         "name": "svctunnel-abc123",
@@ -82,6 +83,11 @@ def test_key_reaches_the_agent_from_the_secret_only() -> None:
     assert objects["Secret"]["stringData"] == {"key": KEY}
     assert _env(objects)["SVCTUNNEL_KEY"] == {"secretKeyRef": {"name": "svctunnel-abc123", "key": "key"}}
     assert KEY not in yaml.safe_dump(objects["Deployment"])
+
+
+def test_the_backend_knows_the_agents_container_by_its_name() -> None:
+    (container,) = _pod_spec(render.pod_end(_end()))["containers"]
+    assert container["name"] == AGENT_CONTAINER
 
 
 def test_readiness_follows_the_agents_ready_file() -> None:

@@ -24,7 +24,7 @@ from pytest_svctunnel.networks import (
     single_network,
 )
 from pytest_svctunnel.protocol import Hello, Message, PodNetwork, decode, encode
-from pytest_svctunnel.values import valid_ifname
+from pytest_svctunnel.values import ifname_problem
 
 DEVS = device_names("abc123")
 WHERE = "tests/test_x.py::test_marked"
@@ -392,7 +392,7 @@ def test_single_network_errors(args: tuple[Any, Any, Any, Any], expected: str) -
 def test_every_device_name_of_a_run_is_a_valid_interface_name(run_id: str) -> None:
     devices = device_names(run_id)
     assert len(devices) == len(set(devices)) == 16
-    assert all(valid_ifname(d) and d.startswith(f"svt{run_id}-") for d in devices)
+    assert all(ifname_problem(d) is None and d.startswith(f"svt{run_id}-") for d in devices)
 
 
 # -- properties ------------------------------------------------------------------------------------------------

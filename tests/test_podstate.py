@@ -102,9 +102,17 @@ def test_the_named_container_is_found_whatever_its_kind(kind: str) -> None:
     found = podstate.container_status(stuck, "svctunnel-x1")
     assert found is not None and found.kind == kind.split("-")[0] and found.name == "svctunnel-x1"
     assert podstate.running(stuck, "agent") and not podstate.running(stuck, "svctunnel-x1")
-    podstate.raise_if_stuck(stuck, "agent")  # the other containers' states are not the agent's
     with pytest.raises(KubeError, match=f"container {kind.split('-')[0]} svctunnel-x1: "):
         podstate.raise_if_stuck(stuck, "svctunnel-x1")
+
+
+def test_an_ephemeral_containers_state_is_not_the_pods() -> None:
+    podstate.raise_if_stuck(pod(**CONTAINERS["ephemeral"]), "agent")
+
+
+def test_a_stuck_init_container_holds_every_container_back() -> None:
+    with pytest.raises(KubeError, match="container init svctunnel-x1: it keeps exiting"):
+        podstate.raise_if_stuck(pod(**CONTAINERS["init-sidecar"]), "agent")
 
 
 def test_a_container_not_reported_yet_is_not_running() -> None:

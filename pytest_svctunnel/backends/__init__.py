@@ -8,13 +8,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ..runs import Run
-from .base import Backend
-
-__all__ = ["Backend", "make_backend"]
-
-if TYPE_CHECKING:  # config reads the kubernetes backend's defaults from this package
+if TYPE_CHECKING:  # light to import: config reads the kubernetes backend's defaults from this package
     from ..config import TunnelConfig
+    from ..runs import Run
+    from .base import Backend
 
 
 def make_backend(config: TunnelConfig, run: Run) -> Backend:

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
-import time
 from collections.abc import Callable
 
 from .. import diagnostics
-from ..errors import LabError
+from ..errors import LabError, WaitTimeout
 from ..lab import Lab
 from ..protocol import Endpoint
 from ..runs import Run
 from ..values import IPAddress
-from ..waiting import Deadline, Stopwatch
+from ..waiting import Deadline, Stopwatch, wait_for
 
 STATUS_WAIT_S = 1.0
 
@@ -55,7 +55,8 @@ class LabBackend:
 
 
 def ask_for_status(pid: int | None, log_text: Callable[[], str]) -> None:
-    """SIGUSR1 makes the agent log its state and counters; wait briefly for the line."""
+    """SIGUSR1 makes the agent log its state and counters; wait briefly for the line (without it,
+    the diagnostics go on)."""
     if pid is None:
         return
     before = log_text().count("status: ")
@@ -63,6 +64,10 @@ def ask_for_status(pid: int | None, log_text: Callable[[], str]) -> None:
         os.kill(pid, signal.SIGUSR1)
     except ProcessLookupError:
         return
-    deadline = Deadline.after(STATUS_WAIT_S)
-    while log_text().count("status: ") == before and not deadline.expired():
-        time.sleep(0.02)
+    with contextlib.suppress(WaitTimeout):
+        wait_for(
+            lambda: True if log_text().count("status: ") > before else None,
+            phase="agent status line",
+            deadline=Deadline.after(STATUS_WAIT_S),
+            interval=0.02,
+        )

@@ -9,7 +9,6 @@ waits until it is gone. Every object carries the label ``svctunnel.dev/run=<run 
 
 from __future__ import annotations
 
-import logging
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,6 @@ from .client import Cluster, connect
 from .objects import Placement
 from .options import ClusterTarget, PodEndOptions
 
-log = logging.getLogger("svctunnel.kubernetes")
 AGENT_CONTAINER = "agent"  # the container's name in manifests/svctunnel.yaml
 _POLL_S = 0.2
 _DIAGNOSTICS_S = 10.0
@@ -46,7 +44,7 @@ class KubernetesBackend:
     @property
     def cluster(self) -> Cluster:
         if self._cluster is None:
-            raise KubeError("not connected to a cluster yet")
+            raise KubeError("not connected to a cluster yet: deploy() connects")
         return self._cluster
 
     # -- deploying -----------------------------------------------------------------

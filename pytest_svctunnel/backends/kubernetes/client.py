@@ -71,10 +71,13 @@ class Cluster:
             raise KubeError(f"{what}: {_describe(exc)}{_remedy(exc)}", exc.status) from None
         except OSError as exc:  # urllib3 wraps most connection failures, but not all
             raise self._unreachable(what, exc, timeout) from None
-        except Exception as exc:  # urllib3's MaxRetryError, ReadTimeoutError and friends
+        except Exception as exc:  # urllib3's MaxRetryError, ReadTimeoutError and friends; answers it cannot read
             if type(exc).__module__.startswith("urllib3"):
                 raise self._unreachable(what, exc, timeout) from None
-            raise
+            raise KubeError(
+                f"{what}: the client could not use the API server's answer ({type(exc).__name__}: {exc});"
+                " check that the kubeconfig points at a Kubernetes API server this client supports"
+            ) from None
 
     def _unreachable(self, what: str, exc: Exception, timeout: float) -> KubeError:
         text = str(exc)
@@ -98,7 +101,7 @@ def connect(kubeconfig: str | None, context: str | None) -> Cluster:
         load: Any = k8s_config.load_kube_config  # untyped
         load(config_file=kubeconfig, context=context, client_configuration=configuration, persist_config=False)
         where = f"kubeconfig {kubeconfig or '(default)'}" + (f", context {context}" if context else "")
-    except (ConfigException, FileNotFoundError, OSError) as exc:
+    except Exception as exc:  # a missing or broken file, a YAML error, a failing exec credential plugin
         if kubeconfig is not None or context is not None or not _in_cluster(configuration):
             raise ConfigError(
                 f"cannot load the Kubernetes configuration ({exc}): point --svctunnel-kubeconfig (or"
@@ -128,11 +131,18 @@ def _describe(exc: ApiException) -> str:
 
 
 def _remedy(exc: ApiException) -> str:
-    if exc.status in (401, 403):
+    status = exc.status or 0
+    if status in (401, 403):
         return (
             "; the kubeconfig's user needs to create and delete namespaces, Secrets, Deployments"
             " and Services, and to read pods, pod logs and events"
         )
-    if exc.status == 409:
+    if status == 404:
+        return "; it does not exist: check --svctunnel-namespace (the namespace must exist) and the context"
+    if status == 409:
         return "; an object of that name exists already: remove it, or choose another namespace"
-    return ""
+    if status == 422:
+        return "; the API server refused the object: check the options it was made from (image, node, port)"
+    if status >= 500:
+        return "; the API server failed: check its health (and its admission webhooks), then run again"
+    return "; see the message for what the API server wants"

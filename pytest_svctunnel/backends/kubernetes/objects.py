@@ -51,9 +51,15 @@ class Placement:
 
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> tuple[Placement, ClusterTarget]:
-        placement = cls(
-            str(record["namespace"]), bool(record["owns_namespace"]), str(record["name"]), str(record["selector"])
-        )
+        try:
+            namespace, owns, selector = (
+                str(record["namespace"]),
+                bool(record["owns_namespace"]),
+                str(record["selector"]),
+            )
+        except KeyError as exc:
+            raise KubeError(f"the run's record of its Kubernetes objects has no {exc}; delete them by hand") from None
+        placement = cls(namespace, owns, str(record.get("name") or ""), selector)  # older records have no name
         return placement, ClusterTarget(record.get("kubeconfig"), record.get("context"))
 
     def describe(self) -> str:

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ...protocol import DEFAULT_PORT
 from ...values import IPAddress
 
 DEFAULT_IMAGE = "svctunnel-agent:0.1.0"  # built from the Dockerfile; a fixed tag, so KinD never pulls it
 SERVICE_TYPES = ("LoadBalancer", "NodePort")
-DEFAULT_PORT = 5533
 
 
 @dataclass(frozen=True)

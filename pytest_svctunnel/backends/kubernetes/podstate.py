@@ -74,7 +74,8 @@ def running(pod: Any, container: str) -> bool:
 
 def raise_if_stuck(pod: Any, container: str | None = None) -> None:
     """Raise KubeError if the pod cannot be scheduled, or the named container (every container,
-    when None) waits in a state it cannot leave; the message names the pod, container and remedy."""
+    when None) or an init container (it holds the others back) waits in a state it cannot leave;
+    the message names the pod, container and remedy."""
     name = pod.metadata.name
     for condition in pod.status.conditions or []:
         if condition.type == "PodScheduled" and condition.status == "False" and condition.reason == "Unschedulable":
@@ -83,7 +84,7 @@ def raise_if_stuck(pod: Any, container: str | None = None) -> None:
                 " cluster has a ready node that accepts it"
             )
     for entry in statuses(pod):
-        if container is not None and entry.name != container:
+        if container is not None and entry.name != container and entry.kind != "init":
             continue
         state = entry.status.state
         waiting = state.waiting if state is not None else None
