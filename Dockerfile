@@ -3,7 +3,10 @@
 #   docker build -t svctunnel-agent:0.1.0 .
 #   kind load docker-image svctunnel-agent:0.1.0          # KinD
 #   docker tag/push to a registry the cluster pulls from  # elsewhere; then --svctunnel-image
-FROM python:3.12-slim
+# BASE lets a build without a registry (the project's e2e tests) use a base image of its own;
+# it must have Python 3.10 or newer with pip, and apt-get.
+ARG BASE=python:3.12-slim
+FROM ${BASE}
 RUN apt-get update \
  && apt-get install -y --no-install-recommends nftables \
  && rm -rf /var/lib/apt/lists/*
