@@ -61,13 +61,14 @@ def _identities(namespaces: tuple[str, ...] | list[str]) -> set[tuple[int, int]]
     return {ident for name in namespaces if (ident := pids.netns_id(NETNS_DIR / name)) is not None}
 
 
-def remove_run_objects(run: Run, deadline: Deadline) -> None:
-    """Stop the run's agent and every process in its namespaces, remove the namespaces and this
+def remove_run_objects(run: Run, deadline: Deadline, agent: LabAgent | None = None) -> None:
+    """Stop the run's agent (``agent``, the lab's own, which waits for its child; else the one its
+    pid file names) and every process in its namespaces, remove the namespaces and this
     namespace's links of the run, and wait until they are gone. Gone already is success;
     LabError names what is left."""
     errors: list[str] = []
     with contextlib.suppress(SvcTunnelError, OSError):  # what survives is stopped with the namespaces' processes
-        _agent(run).stop(min(deadline.remaining(), AGENT_STOP_S))
+        (agent or _agent(run)).stop(min(deadline.remaining(), AGENT_STOP_S))
     namespaces = netns.listing(names.netns_prefix(run.id))
     identities = _identities(namespaces)
     pids.terminate(pids.in_netns(identities), deadline)

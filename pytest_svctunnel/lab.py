@@ -17,7 +17,6 @@ root-namespace link is named with the run id, and ``down`` removes them all.
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
 import socket
 from collections.abc import Iterator
@@ -27,8 +26,7 @@ from pathlib import Path
 
 from . import device, names, netns, nft
 from .agentsettings import AgentSettings
-from .errors import SvcTunnelError
-from .hostobjects import AGENT_STOP_S, remove_run_objects
+from .hostobjects import remove_run_objects
 from .labagent import LabAgent
 from .protocol import DEFAULT_PORT, Endpoint
 from .runs import Run, all_runs
@@ -263,10 +261,7 @@ class Lab:
         """Stop the agent and anything else running in the lab, remove every namespace and link of
         the run, and wait until gone. SIGINT, SIGTERM and SIGALRM wait until this is done."""
         with shield():
-            deadline = Deadline.after(timeout)
-            with contextlib.suppress(SvcTunnelError, OSError):  # what survives goes with the namespaces
-                self.agent.stop(min(deadline.remaining(), AGENT_STOP_S))  # waits for our own child too
-            remove_run_objects(self.run, deadline)
+            remove_run_objects(self.run, Deadline.after(timeout), self.agent)
 
     def exists(self) -> bool:
         return any(netns.exists(self.plan.ns(r)) for r in ROLES)

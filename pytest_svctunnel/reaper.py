@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from . import device, names, netns
-from .errors import PrivilegeError, SvcTunnelError
+from .backends.kubernetes.options import Placement
+from .errors import KubeError, PrivilegeError, SvcTunnelError
 from .hostobjects import Leftovers, remove_run_objects
 from .privileges import require_net_admin
 from .runs import KUBE_FILE, Liveness, Run, all_runs, state_root
@@ -80,7 +81,7 @@ class Reaper:
             if not verdict.reap:
                 report.left_alone.append(f"left alone: run {verdict.run.id} ({verdict.liveness.reason})")
             elif dry_run:
-                found = leftovers(verdict.run)
+                found = leftovers(verdict.run, verdict.run.read(KUBE_FILE))
                 report.reaped.append(f"would reap run {verdict.run.id} ({verdict.liveness.reason}): {found.describe()}")
             else:
                 self._reap_one(verdict, report)
@@ -116,9 +117,9 @@ def reap_run(run: Run, deadline: Deadline) -> Leftovers:
     """Remove everything of one run and then its state directory; returns what there was.
     SIGINT, SIGTERM and SIGALRM wait until it is done. The state directory stays if removal failed."""
     with shield():
-        found = leftovers(run)
-        remove_run_objects(run, deadline)
         record = run.read(KUBE_FILE)
+        found = leftovers(run, record)
+        remove_run_objects(run, deadline)
         if record is not None:
             from .backends.kubernetes.cleanup import delete_recorded  # the client loads only for such runs
 
@@ -127,18 +128,16 @@ def reap_run(run: Run, deadline: Deadline) -> Leftovers:
     return found
 
 
-def leftovers(run: Run) -> Leftovers:
-    """What the run left on this host, and the Kubernetes objects it recorded."""
+def leftovers(run: Run, record: dict[str, Any] | None) -> Leftovers:
+    """What the run left on this host, and the Kubernetes objects of its ``record`` (kube.json)."""
     found = Leftovers.of(run)
-    record = run.read(KUBE_FILE)
-    return dataclasses.replace(found, cluster=_cluster_objects(record)) if record is not None else found
-
-
-def _cluster_objects(record: dict[str, Any]) -> str:
-    namespace, selector = record.get("namespace"), record.get("selector")
-    return (
-        f"namespace {namespace}" if record.get("owns_namespace") else f"objects -l {selector} in namespace {namespace}"
-    )
+    if record is None:
+        return found
+    try:
+        cluster = Placement.from_record(record)[0].describe()
+    except KubeError as exc:
+        cluster = str(exc)
+    return dataclasses.replace(found, cluster=cluster)
 
 
 def reap_for_session(timeout: float) -> list[str]:

@@ -22,8 +22,7 @@ from ...waiting import Deadline, Stopwatch, wait_for
 from . import manifests, objects, podstate
 from .cleanup import delete_run_objects
 from .client import Cluster, connect
-from .objects import Placement
-from .options import ClusterTarget, PodEndOptions
+from .options import ClusterTarget, Placement, PodEndOptions
 
 AGENT_CONTAINER = "agent"  # the container's name in manifests/svctunnel.yaml
 _POLL_S = 0.2

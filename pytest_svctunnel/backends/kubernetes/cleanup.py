@@ -12,7 +12,7 @@ from typing import Any
 
 from ...waiting import Deadline, wait_for
 from .client import Cluster, connect
-from .objects import Placement
+from .options import Placement
 
 _POLL_S = 0.2
 

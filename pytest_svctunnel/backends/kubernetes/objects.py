@@ -1,71 +1,20 @@
-"""A run's objects in the cluster: where they live, creating them, and reading them back.
-
-``Placement`` says where a run's objects are (its own namespace, or a given one) and how to
-find them (the run label); it is what a run records for ``svctunnel reap``. The functions
-create the rendered objects and read the pods and the Service; every request carries a
-deadline (``Cluster.call``).
+"""A run's objects in the cluster: creating them where their ``Placement`` says, and reading
+the pods and the Service back; every request carries a deadline (``Cluster.call``).
 """
 
 from __future__ import annotations
 
 import ipaddress
 import socket
-from dataclasses import dataclass
 from typing import Any
 
-from ... import names
 from ...errors import KubeError
 from ...protocol import Endpoint
 from ...values import IPAddress
 from ...waiting import Deadline
 from . import manifests
 from .client import Cluster
-from .options import ClusterTarget
-
-
-@dataclass(frozen=True)
-class Placement:
-    """Where a run's objects live: ``namespace`` (made by the run when ``owns_namespace``),
-    their name, and the selector of the run label that finds every one of them."""
-
-    namespace: str
-    owns_namespace: bool
-    name: str
-    selector: str
-
-    @classmethod
-    def of(cls, run_id: str, namespace: str | None) -> Placement:
-        name = names.object_name(run_id)
-        return cls(namespace or name, namespace is None, name, names.label_selector(run_id))
-
-    def record(self, target: ClusterTarget) -> dict[str, Any]:
-        """What a run writes to its state directory, so that ``svctunnel reap`` finds the objects."""
-        return {
-            "kubeconfig": target.kubeconfig,
-            "context": target.context,
-            "namespace": self.namespace,
-            "owns_namespace": self.owns_namespace,
-            "name": self.name,
-            "selector": self.selector,
-        }
-
-    @classmethod
-    def from_record(cls, record: dict[str, Any]) -> tuple[Placement, ClusterTarget]:
-        try:
-            namespace, owns, selector = (
-                str(record["namespace"]),
-                bool(record["owns_namespace"]),
-                str(record["selector"]),
-            )
-        except KeyError as exc:
-            raise KubeError(f"the run's record of its Kubernetes objects has no {exc}; delete them by hand") from None
-        placement = cls(namespace, owns, str(record.get("name") or ""), selector)  # older records have no name
-        return placement, ClusterTarget(record.get("kubeconfig"), record.get("context"))
-
-    def describe(self) -> str:
-        return (
-            f"namespace {self.namespace}" if self.owns_namespace else f"objects -l {self.selector} in {self.namespace}"
-        )
+from .options import Placement
 
 
 def create(

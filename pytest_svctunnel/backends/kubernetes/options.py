@@ -1,4 +1,5 @@
-"""What the kubernetes backend is told: which cluster, and how to run the pod end there.
+"""What the kubernetes backend is told: which cluster, how to run the pod end there, and where
+a run's objects live (what a run records for ``svctunnel reap``).
 
 Plain values, light to import: the plugin's option table reads the defaults from here
 without loading the Kubernetes client.
@@ -7,7 +8,10 @@ without loading the Kubernetes client.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
+from ... import names
+from ...errors import KubeError
 from ...protocol import DEFAULT_PORT
 from ...values import IPAddress
 
@@ -35,3 +39,48 @@ class PodEndOptions:
     service_type: str = "LoadBalancer"
     node: str | None = None
     bridge: str | None = None
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a run's objects live: ``namespace`` (made by the run when ``owns_namespace``),
+    their name, and the selector of the run label that finds every one of them."""
+
+    namespace: str
+    owns_namespace: bool
+    name: str
+    selector: str
+
+    @classmethod
+    def of(cls, run_id: str, namespace: str | None) -> Placement:
+        name = names.object_name(run_id)
+        return cls(namespace or name, namespace is None, name, names.label_selector(run_id))
+
+    def record(self, target: ClusterTarget) -> dict[str, Any]:
+        """What a run writes to its state directory, so that ``svctunnel reap`` finds the objects."""
+        return {
+            "kubeconfig": target.kubeconfig,
+            "context": target.context,
+            "namespace": self.namespace,
+            "owns_namespace": self.owns_namespace,
+            "name": self.name,
+            "selector": self.selector,
+        }
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> tuple[Placement, ClusterTarget]:
+        try:
+            namespace, owns, selector = (
+                str(record["namespace"]),
+                bool(record["owns_namespace"]),
+                str(record["selector"]),
+            )
+        except KeyError as exc:
+            raise KubeError(f"the run's record of its Kubernetes objects has no {exc}; delete them by hand") from None
+        placement = cls(namespace, owns, str(record.get("name") or ""), selector)  # older records have no name
+        return placement, ClusterTarget(record.get("kubeconfig"), record.get("context"))
+
+    def describe(self) -> str:
+        return (
+            f"namespace {self.namespace}" if self.owns_namespace else f"objects -l {self.selector} in {self.namespace}"
+        )
