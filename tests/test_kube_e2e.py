@@ -1,10 +1,12 @@
-"""The kubernetes backend end to end, on a real control plane.
+"""The kubernetes backend end to end, on a real cluster.
 
-etcd, kube-apiserver, kube-controller-manager and kube-proxy are the real programs, built
-from the Go module proxy by ``.ci/build-kube`` at a pinned release. kube-proxy runs in the
-lab's node namespace, so the tunnel crosses the rules kube-proxy itself programs. The test
-harness plays only the roles that need a cloud or a container runtime: the load-balancer
-controller and a minimal kubelet that runs the agent pod's command in a pod namespace.
+etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kube-proxy and the kubelet
+are the real programs, built from the Go module proxy by ``.ci/build-kube`` at a pinned
+release; the two nodes run containerd and runc, and the agent runs from the image built
+from the project's Dockerfile (``.ci/build-agent-image``). Each node sits in a lab node
+namespace behind the WAN router, so the tunnel crosses the rules kube-proxy itself programs.
+The test harness plays only a cloud's role: the load-balancer controller, which routes a
+Service's address to the nodes that pass its health check (``tests/kubelab``).
 
 The example suite runs through pytester as a separate pytest process with the plugin's
 defaults (the kubernetes backend), in LoadBalancer and NodePort mode; another inner suite
@@ -24,8 +26,6 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import ExitStack
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,17 +34,13 @@ from kubernetes import client
 
 from pytest_svctunnel import device, keys, names, netns
 from pytest_svctunnel.backends.kubernetes.backend import KubernetesBackend
-from pytest_svctunnel.backends.kubernetes.options import DEFAULT_IMAGE, ClusterTarget, PodEndOptions
+from pytest_svctunnel.backends.kubernetes.options import ClusterTarget, PodEndOptions
 from pytest_svctunnel.errors import KubeError
 from pytest_svctunnel.names import RUN_LABEL
 from pytest_svctunnel.runs import Run
 from pytest_svctunnel.waiting import Deadline, Stopwatch
 
-from .kubelab.controlplane import ControlPlane
-from .kubelab.kubelet import MiniKubelet
-from .kubelab.loadbalancer import LoadBalancerController
-from .kubelab.logserver import KubeletLogServer
-from .kubelab.topology import ClusterNetwork
+from .kubelab.cluster import TestCluster, running_cluster
 
 pytestmark = pytest.mark.root
 
@@ -124,63 +120,10 @@ def test_hold(svctunnel):
 """
 
 
-@dataclass
-class TestCluster:
-    """A running control plane with one node in the lab's node namespace."""
-
-    __test__ = False
-    kubeconfig: Path
-    api: Any
-    network: ClusterNetwork
-    node_name: str
-    kubelet: MiniKubelet
-    plane: ControlPlane
-
-
-def control_plane_binaries() -> Path:
-    """Where ``.ci/build-kube`` keeps the binaries (it builds them when missing)."""
-    done = subprocess.run(["bash", str(ROOT / ".ci" / "build-kube")], capture_output=True, text=True, check=False)
-    assert done.returncode == 0, f".ci/build-kube failed:\n{done.stderr[-3000:]}"
-    return Path(done.stdout.strip().splitlines()[-1])
-
-
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestCluster]:
-    work = tmp_path_factory.mktemp("cluster")
-    with ExitStack() as stack:
-        run = Run.new()
-        stack.callback(run.remove)
-        network = ClusterNetwork(run)
-        stack.callback(network.down, Deadline.after(60))
-        network.up()
-        plane = ControlPlane(control_plane_binaries(), work / "control-plane")
-        stack.callback(plane.stop)
-        plane.start(timeout=120)
-        plan = network.plan
-        node_name = names.netns_name(run.id, "node")
-        plane.create_node(node_name, str(plan.node_address), str(plan.pod_cidr_v4))
-        plane.start_kube_proxy(plan.node_netns, node_name, str(plan.pod_cidr_v4), timeout=60)
-        api = plane.api_client()
-        stack.callback(api.close)
-        kubelet = MiniKubelet(
-            api,
-            node_name=node_name,
-            node_netns=plan.node_netns,
-            pod_prefix=plan.pod_prefix,
-            pod_cidr_v4=plan.pod_cidr_v4,
-            pod_cidr_v6=plan.pod_cidr_v6,
-            work_dir=work / "kubelet",
-            images={DEFAULT_IMAGE},
-        )
-        kubelet.start()
-        stack.callback(kubelet.stop, 30)
-        logs = KubeletLogServer(plan.node_netns, str(plan.node_address), kubelet.log_path, work / "kubelet-server")
-        logs.start()
-        stack.callback(logs.stop)
-        balancer = LoadBalancerController(api, plan.lb_pool)
-        balancer.start()
-        stack.callback(balancer.stop, 10)
-        yield TestCluster(plane.kubeconfig, api, network, node_name, kubelet, plane)
+    with running_cluster(tmp_path_factory.mktemp("cluster")) as running:
+        yield running
 
 
 def run_inner(pytester: pytest.Pytester, cluster: TestCluster, *args: str) -> tuple[pytest.RunResult, str]:
@@ -220,8 +163,9 @@ def assert_run_left_nothing(cluster: TestCluster, run_id: str, output: str) -> N
     assert labelled(cluster.api, run_id) == [], output
     assert netns.listing(names.netns_prefix(run_id)) == [], output
     assert device.links_with_prefix(None, names.link_prefix(run_id)) == [], output
-    assert netns.listing(cluster.network.plan.pod_prefix) == [], "the kubelet kept a pod namespace"
-    # the kubelet runs the container's command from PATH: bin/svctunnel (the lab runs 'python -m pytest_svctunnel')
+    for node in cluster.nodes:
+        assert node.running_sandboxes(run_id) == [], f"node {node.spec.name} still runs a pod of the run"
+    # the container runs the image's bin/svctunnel (the lab runs 'python -m pytest_svctunnel')
     agents = subprocess.run(["pgrep", "-af", "bin/svctunnel agent"], capture_output=True, text=True).stdout
     assert agents == "", f"an agent process outlived its pod: {agents}"
 
@@ -263,7 +207,7 @@ def test_missing_kubeconfig_names_the_remedy(pytester: pytest.Pytester, tmp_path
 
 
 def test_node_mode_lands_the_networks_on_the_nodes_bridge(pytester: pytest.Pytester, cluster: TestCluster) -> None:
-    node_ns = cluster.network.plan.node_netns
+    node_ns = cluster.nodes[0].spec.netns
     bridge = "svtbr-e2e"
     subprocess.run(["ip", "-n", node_ns, "link", "add", bridge, "type", "bridge"], check=True)
     try:
@@ -426,7 +370,7 @@ def test_a_failing_test_reports_the_pod_end(pytester: pytest.Pytester, cluster: 
     assert result.ret == pytest.ExitCode.TESTS_FAILED, output
     log = output.split("--- pod end log", 1)[-1].split("--- pod end pods", 1)[0]
     assert "svctunnel.agent: up: tunnel up with" in log, output
-    assert re.search(r"pod svctunnel-\w+-\w+-\w+: Running on svt-\w+-node ip 198\.18\.", output), output
+    assert re.search(r"pod svctunnel-\w+-\w+-\w+: Running on svt-\w+-node2? ip 198\.18\.", output), output
     assert f"LoadBalancer svctunnel-{run_id}/svctunnel-{run_id}: ports 5533/UDP" in output, output
     assert "--- recent events" in output and "ScalingReplicaSet" in output, output
     assert_run_left_nothing(cluster, run_id, output)

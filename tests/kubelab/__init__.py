@@ -1,6 +1,6 @@
-"""A real Kubernetes control plane on this host, for end-to-end tests.
+"""A real Kubernetes cluster on this host, for end-to-end tests.
 
-etcd, kube-apiserver and kube-controller-manager run in the root network namespace on loopback; kube-proxy runs
-inside a lab "node" namespace and reaches the API server through a small forwarder. No kubelet, no container
-runtime: pods stay Pending, which is all the Service plumbing needs.
+etcd, kube-apiserver, kube-controller-manager and kube-scheduler run in the root network namespace on loopback;
+two nodes, each a lab node namespace with containerd, the real kubelet and kube-proxy, sit behind the lab's WAN
+router; a load-balancer controller plays the cloud. ``cluster.running_cluster`` starts and stops all of it.
 """

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,8 @@ ADMIN_USER = "svctunnel-admin"
 ADMIN_GROUP = "system:masters"  # bound to cluster-admin by the default RBAC policy
 CONTROLLER_MANAGER_USER = "system:kube-controller-manager"
 KUBE_PROXY_USER = "system:kube-proxy"  # the default RBAC binds ClusterRole system:node-proxier to this user
+SCHEDULER_USER = "system:kube-scheduler"  # bound to ClusterRole system:kube-scheduler by the default RBAC
+NODES_GROUP = "system:nodes"  # with user system:node:<name>: what the Node authorizer and NodeRestriction know
 VALID_DAYS = 2
 _OPENSSL_TIMEOUT_S = 30.0
 
@@ -41,8 +44,16 @@ class Pki:
     admin: CertKey
     controller_manager: CertKey  # a client certificate that also serves the controller manager's secure port
     kube_proxy: CertKey
+    scheduler: CertKey  # a client certificate that also serves the scheduler's secure port
+    kubelet_client: CertKey  # the API server's identity towards the kubelets (logs, exec)
+    nodes: dict[str, CertKey]  # each kubelet's client certificate, by node name
     service_account_key: Path
     service_account_pub: Path
+
+    def node(self, name: str) -> CertKey:
+        if name not in self.nodes:
+            raise LabError(f"no certificate for node {name}; name it in the control plane's node_names")
+        return self.nodes[name]
 
 
 @dataclass(frozen=True)
@@ -53,11 +64,16 @@ class _Leaf:
     sans: tuple[str, ...] = ()
 
 
-def generate(directory: Path, service_ip: str, days: int = VALID_DAYS) -> Pki:
+def node_user(name: str) -> str:
+    return f"system:node:{name}"
+
+
+def generate(directory: Path, service_ip: str, node_names: Sequence[str] = (), days: int = VALID_DAYS) -> Pki:
     """Make a fresh CA, the leaf certificates and the service-account key pair in ``directory``.
 
     ``service_ip`` is the first address of the service range: the ``kubernetes`` Service's ClusterIP, which the
-    API server's certificate must name. Files of an earlier call are overwritten.
+    API server's certificate must name; ``node_names`` get a kubelet client certificate each. Files of an earlier
+    call are overwritten.
     """
     directory.mkdir(parents=True, exist_ok=True)
     ca = _self_signed_ca(directory, days)
@@ -75,6 +91,14 @@ def generate(directory: Path, service_ip: str, days: int = VALID_DAYS) -> Pki:
                 ("IP:127.0.0.1", "DNS:localhost"),
             ),
             _Leaf("kube-proxy", f"/CN={KUBE_PROXY_USER}", ("clientAuth",)),
+            _Leaf(
+                "kube-scheduler",
+                f"/CN={SCHEDULER_USER}",
+                ("clientAuth", "serverAuth"),
+                ("IP:127.0.0.1", "DNS:localhost"),
+            ),
+            _Leaf("apiserver-kubelet-client", f"/O={ADMIN_GROUP}/CN=kube-apiserver-kubelet-client", ("clientAuth",)),
+            *(_Leaf(f"node-{name}", f"/O={NODES_GROUP}/CN={node_user(name)}", ("clientAuth",)) for name in node_names),
         )
     }
     sa_key, sa_pub = _service_account_keys(directory)
@@ -86,6 +110,9 @@ def generate(directory: Path, service_ip: str, days: int = VALID_DAYS) -> Pki:
         admin=leaves["admin"],
         controller_manager=leaves["kube-controller-manager"],
         kube_proxy=leaves["kube-proxy"],
+        scheduler=leaves["kube-scheduler"],
+        kubelet_client=leaves["apiserver-kubelet-client"],
+        nodes={name: leaves[f"node-{name}"] for name in node_names},
         service_account_key=sa_key,
         service_account_pub=sa_pub,
     )

@@ -1,9 +1,10 @@
-"""A real Kubernetes control plane on this host: etcd, kube-apiserver and kube-controller-manager on loopback in
-this network namespace, and kube-proxy (nftables mode) inside lab node namespaces.
+"""A real Kubernetes control plane on this host: etcd, kube-apiserver, kube-controller-manager and kube-scheduler
+on loopback in this network namespace, and kube-proxy (nftables mode) inside lab node namespaces.
 
 Everything lives under one work directory: certificates, etcd's data, kubeconfigs, kube-proxy configurations and
-one log per process (``<component>.log``). Processes run in sessions of their own, so a Ctrl-C of the test run
-reaches only the test runner, whose cleanup then calls ``stop()``.
+one log per process (``<component>.log``). Processes run in sessions of their own (``processes.Supervisor``), so
+a Ctrl-C of the test run reaches only the test runner, whose cleanup then calls ``stop()``. Programs inside a
+node namespace reach the API server through a forwarder on 127.0.0.1 there (``api_server_in``).
 """
 
 from __future__ import annotations
@@ -14,25 +15,23 @@ import ipaddress
 import json
 import os
 import shutil
-import signal
 import socket
 import ssl
-import subprocess
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from datetime import datetime, timezone
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from kubernetes import client, config
 
 from pytest_svctunnel import netns as netns_mod
 from pytest_svctunnel import nft
-from pytest_svctunnel.errors import LabError, SvcTunnelError, WaitTimeout
-from pytest_svctunnel.waiting import Deadline, wait_for
+from pytest_svctunnel.errors import LabError, SvcTunnelError
+from pytest_svctunnel.waiting import Deadline
 
 from . import certs
 from .certs import CertKey, Pki
 from .forward import NetnsForwarder, free_ports_in, socket_in_netns
+from .processes import KILL_GRACE_S, STOP_GRACE_S, Supervisor
 
 SERVICE_CIDR = "10.96.0.0/16"
 SERVICE_IP = str(next(ipaddress.ip_network(SERVICE_CIDR).hosts()))  # the ClusterIP of Service "kubernetes"
@@ -43,21 +42,16 @@ CONTROLLERS = (
     "replicaset-controller",
     "endpointslice-controller",
     "namespace-controller",
+    "node-lifecycle-controller",  # lifts the not-ready taint a kubelet registers its Node with
     "garbage-collector-controller",
     "serviceaccount-controller",
     "serviceaccount-token-controller",
+    "root-ca-certificate-publisher-controller",  # kube-root-ca.crt in every namespace, for token volumes
 )
-BINARIES = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-proxy")
+BINARIES = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kube-proxy", "kubelet")
 KUBE_PROXY_TABLES = (("ip", "kube-proxy"), ("ip6", "kube-proxy"))
-STOP_GRACE_S = 5.0  # SIGTERM to SIGKILL
-KILL_GRACE_S = 2.0  # SIGKILL to giving up
 _PROBE_TIMEOUT_S = 2.0
-_POLL_S = 0.25
-_API_TIMEOUT_S = 30.0
-_LOG_TAIL_BYTES = 64 * 1024
 _BUILD_HINT = "build the binaries with 'bash .ci/build-kube' (its last line is the bin directory)"
-
-Probe = Callable[[], tuple[bool, str]]
 
 
 class ControlPlaneError(LabError):
@@ -65,17 +59,18 @@ class ControlPlaneError(LabError):
 
 
 class ControlPlane:
-    """A Kubernetes control plane for end-to-end tests, without kubelet or scheduler.
+    """A Kubernetes control plane for end-to-end tests (the nodes are ``node.Node``).
 
-    ``start()`` brings up etcd, kube-apiserver and kube-controller-manager; ``start_kube_proxy()`` adds kube-proxy
-    in a lab node namespace; ``stop()`` undoes all of it (safe twice, and after a failed or partial start).
-    ``timings`` holds the seconds each start phase took."""
+    ``start()`` brings up etcd, kube-apiserver, kube-controller-manager and kube-scheduler;
+    ``start_kube_proxy()`` adds kube-proxy in a lab node namespace; ``stop()`` undoes all of it (safe twice, and
+    after a failed or partial start). ``timings`` holds the seconds each start phase took."""
 
-    def __init__(self, bin_dir: Path, work_dir: Path) -> None:
+    def __init__(self, bin_dir: Path, work_dir: Path, node_names: Sequence[str] = ()) -> None:
         self.bin_dir = bin_dir
         self.work_dir = work_dir
+        self.node_names = tuple(node_names)
         self.timings: dict[str, float] = {}
-        self._procs: dict[str, subprocess.Popen[bytes]] = {}  # in start order
+        self.procs = Supervisor(work_dir)
         self._forwarders: dict[str, NetnsForwarder] = {}  # by node namespace
         self._proxy_netns: list[str] = []  # namespaces where a kube-proxy may have left nftables tables
         self._pki: Pki | None = None
@@ -84,24 +79,26 @@ class ControlPlane:
     # ---- the control plane ----
 
     def start(self, timeout: float = 180.0) -> None:
-        """Start etcd, kube-apiserver and kube-controller-manager; return once all three are healthy.
+        """Start etcd, kube-apiserver, kube-controller-manager and kube-scheduler; return once all are healthy.
 
         On any failure (or interruption) whatever was started is stopped again before the error propagates."""
-        if self._procs:
+        if self.procs.names:
             raise ControlPlaneError("the control plane is already running; stop() it before starting it again")
         deadline = Deadline.after(timeout)
         self._check_binaries()
         self.work_dir.mkdir(parents=True, exist_ok=True)
         try:
             with self._timed("certificates"):
-                pki = self._pki = certs.generate(self.work_dir / "pki", SERVICE_IP)
-            etcd_client, etcd_peer, etcd_metrics, api, kcm = _free_loopback_ports(5)
+                pki = self._pki = certs.generate(self.work_dir / "pki", SERVICE_IP, self.node_names)
+            etcd_client, etcd_peer, etcd_metrics, api, kcm, scheduler = _free_loopback_ports(6)
             with self._timed("etcd"):
                 self._start_etcd(pki, etcd_client, etcd_peer, etcd_metrics, deadline)
             with self._timed("kube-apiserver"):
                 self._start_apiserver(pki, api, etcd_client, deadline)
             with self._timed("kube-controller-manager"):
                 self._start_controller_manager(pki, kcm, deadline)
+            with self._timed("kube-scheduler"):
+                self._start_scheduler(pki, scheduler, deadline)
         except BaseException:
             self.stop()  # should this fail too, Python chains the original error as its context
             raise
@@ -133,8 +130,10 @@ class ControlPlane:
             "--client-cert-auth=true",
             "--unsafe-no-fsync=true",  # the data dies with the lab; fsync on a busy CI disk costs seconds
         ]
-        self._spawn("etcd", argv)
-        self._await("etcd", lambda: _etcd_healthy(metrics_port), deadline, "etcd never reported itself healthy")
+        self.procs.spawn("etcd", argv)
+        self.procs.await_ready(
+            "etcd", lambda: _etcd_healthy(metrics_port), deadline, "etcd never reported itself healthy"
+        )
 
     def _start_apiserver(self, pki: Pki, port: int, etcd_port: int, deadline: Deadline) -> None:
         argv = [
@@ -161,12 +160,15 @@ class ControlPlane:
             "--profiling=false",
             # pods/log goes to the node's kubelet endpoint; the lab's node has no resolvable host name
             "--kubelet-preferred-address-types=InternalIP",
+            # logs and exec: the API server shows the kubelets a client certificate of the lab's CA
+            f"--kubelet-client-certificate={pki.kubelet_client.cert}",
+            f"--kubelet-client-key={pki.kubelet_client.key}",
         ]
-        self._spawn("kube-apiserver", argv)
+        self.procs.spawn("kube-apiserver", argv)
         self._api_port = port
         _write_kubeconfig(self.kubeconfig, self.server, pki.ca.cert, pki.admin, certs.ADMIN_USER)
         context = _client_context(pki.ca.cert, pki.admin)
-        self._await(
+        self.procs.await_ready(
             "kube-apiserver",
             lambda: _https_ok(port, "/readyz", context),
             deadline,
@@ -199,14 +201,47 @@ class ControlPlane:
             f"--root-ca-file={pki.ca.cert}",
             "--profiling=false",
         ]
-        self._spawn("kube-controller-manager", argv)
+        self.procs.spawn("kube-controller-manager", argv)
         context = _client_context(pki.ca.cert, pki.admin)
-        self._await(
+        self.procs.await_ready(
             "kube-controller-manager",
             lambda: _https_ok(port, "/healthz", context),
             deadline,
             "kube-controller-manager never reported itself healthy",
         )
+
+    def _start_scheduler(self, pki: Pki, port: int, deadline: Deadline) -> None:
+        kubeconfig = self.work_dir / "kube-scheduler.kubeconfig"
+        _write_kubeconfig(kubeconfig, self.server, pki.ca.cert, pki.scheduler, certs.SCHEDULER_USER)
+        argv = [
+            str(self.bin_dir / "kube-scheduler"),
+            f"--kubeconfig={kubeconfig}",
+            f"--authentication-kubeconfig={kubeconfig}",
+            f"--authorization-kubeconfig={kubeconfig}",
+            f"--client-ca-file={pki.ca.cert}",
+            "--authentication-skip-lookup=true",
+            "--bind-address=127.0.0.1",
+            f"--secure-port={port}",
+            f"--tls-cert-file={pki.scheduler.cert}",
+            f"--tls-private-key-file={pki.scheduler.key}",
+            "--leader-elect=false",
+            "--profiling=false",
+            "--v=2",  # one line per binding: where each pod went and why not elsewhere
+        ]
+        self.procs.spawn("kube-scheduler", argv)
+        context = _client_context(pki.ca.cert, pki.admin)
+        self.procs.await_ready(
+            "kube-scheduler",
+            lambda: _https_ok(port, "/healthz", context),
+            deadline,
+            "kube-scheduler never reported itself healthy",
+        )
+
+    @property
+    def pki(self) -> Pki:
+        if self._pki is None:
+            raise ControlPlaneError("the control plane has not been started; call start() first")
+        return self._pki
 
     @property
     def server(self) -> str:
@@ -228,40 +263,22 @@ class ControlPlane:
         api: client.ApiClient = config.new_client_from_config(config_file=str(self.kubeconfig))  # type: ignore[no-untyped-call]
         return api
 
-    def create_node(self, name: str, internal_ip: str, pod_cidr: str) -> None:
-        """Register a Node the way a kubelet would: the object, then its status (an InternalIP, Ready=True).
+    def api_server_in(self, netns: str) -> str:
+        """The API server's URL as programs inside network namespace ``netns`` reach it: a forwarder on
+        127.0.0.1 there (one per namespace, closed by ``stop()``)."""
+        if self._api_port is None:
+            raise ControlPlaneError("the control plane has not been started; call start() first")
+        if not netns_mod.exists(netns):
+            raise ControlPlaneError(f"network namespace {netns} does not exist; create it (and bring lo up) first")
+        forwarder = self._forwarders.get(netns)
+        if forwarder is None:
+            forwarder = self._forwarders[netns] = NetnsForwarder(netns, ("127.0.0.1", self._api_port))
+            forwarder.start()
+        return f"https://127.0.0.1:{forwarder.port}"
 
-        kube-proxy reads its node IP from there, so create the Node before starting its kube-proxy."""
-        node = client.V1Node(
-            api_version="v1",
-            kind="Node",
-            # the labels every kubelet sets (node selectors pin pods with kubernetes.io/hostname)
-            metadata=client.V1ObjectMeta(
-                name=name,
-                labels={"kubernetes.io/hostname": name, "kubernetes.io/os": "linux", "kubernetes.io/arch": "amd64"},
-            ),
-            spec=client.V1NodeSpec(pod_cidr=pod_cidr, pod_cidrs=[pod_cidr]),
-        )
-        now = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-        ready = {
-            "type": "Ready",
-            "status": "True",
-            "reason": "KubeletReady",
-            "message": "svctunnel lab node (no kubelet)",
-            "lastHeartbeatTime": now,
-            "lastTransitionTime": now,
-        }
-        addresses = [{"type": "InternalIP", "address": internal_ip}, {"type": "Hostname", "address": name}]
-        with self.api_client() as api:
-            core = client.CoreV1Api(api)
-            core.create_node(node, _request_timeout=_API_TIMEOUT_S)
-            # Status is a subresource: create ignores it, only a status write sets it.
-            core.patch_node_status(
-                name,
-                {"status": {"addresses": addresses, "conditions": [ready]}},
-                _content_type="application/merge-patch+json",
-                _request_timeout=_API_TIMEOUT_S,
-            )
+    def write_kubeconfig(self, path: Path, server: str, identity: CertKey, user: str) -> None:
+        """A kubeconfig for ``user`` (its certificate ``identity``) of the lab's CA, against ``server``."""
+        _write_kubeconfig(path, server, self.pki.ca.cert, identity, user)
 
     # ---- kube-proxy in a node namespace ----
 
@@ -278,7 +295,7 @@ class ControlPlane:
         Returns once its health check answers 200 and its first sync has written table ``ip kube-proxy`` there.
         ``node_port_addresses`` empty keeps kube-proxy's default for nftables mode: the node's primary IP only."""
         component = _kube_proxy(netns)
-        if component in self._procs:
+        if component in self.procs:
             raise ControlPlaneError(f"{component} is already running; stop() the control plane first")
         pki, api_port = self._pki, self._api_port
         if pki is None or api_port is None:
@@ -290,12 +307,10 @@ class ControlPlane:
             self._proxy_netns.append(netns)
         try:
             with self._timed(component):
-                forwarder = self._forwarders[netns] = NetnsForwarder(netns, ("127.0.0.1", api_port))
-                forward_port = forwarder.start()
+                server = self.api_server_in(netns)
                 directory = self.work_dir / component
                 directory.mkdir(exist_ok=True)
                 kubeconfig = directory / "kubeconfig"
-                server = f"https://127.0.0.1:{forward_port}"
                 _write_kubeconfig(kubeconfig, server, pki.ca.cert, pki.kube_proxy, certs.KUBE_PROXY_USER)
                 healthz, metrics = free_ports_in(netns, 2)
                 settings = _kube_proxy_config(
@@ -303,11 +318,11 @@ class ControlPlane:
                 )
                 config_file = directory / "config.json"
                 config_file.write_text(json.dumps(settings, indent=2) + "\n")
-                self._spawn(
+                self.procs.spawn(
                     component,
                     ["ip", "netns", "exec", netns, str(self.bin_dir / "kube-proxy"), "--config", str(config_file)],
                 )
-                self._await(
+                self.procs.await_ready(
                     component,
                     lambda: _kube_proxy_ready(netns, healthz),
                     deadline,
@@ -327,82 +342,37 @@ class ControlPlane:
         Clients go first (kube-proxy, kube-controller-manager), then kube-apiserver, then etcd. Safe to call twice
         and after a partial start; raises only if something could not be undone, after trying everything."""
         deadline = Deadline.after(timeout)
-        problems = self._stop_kube_proxies(list(self._proxy_netns), deadline, also=["kube-controller-manager"])
-        problems += self._terminate(["kube-apiserver"], deadline)
-        problems += self._terminate(["etcd"], deadline)
-        problems += self._terminate(list(self._procs), deadline)  # anything a future phase adds
-        if not self._procs:
+        problems = self._stop_kube_proxies(
+            list(self._proxy_netns), deadline, also=["kube-scheduler", "kube-controller-manager"]
+        )
+        problems += self._close_forwarders(deadline)
+        problems += self.procs.terminate(["kube-apiserver"], deadline)
+        problems += self.procs.terminate(["etcd"], deadline)
+        problems += self.procs.terminate(self.procs.names, deadline)  # anything a future phase adds
+        if not self.procs.names:
             self._api_port = None
         if problems:
             raise ControlPlaneError(f"stopping the control plane: {'; '.join(problems)}")
 
     def _stop_kube_proxies(self, namespaces: list[str], deadline: Deadline, also: Sequence[str] = ()) -> list[str]:
-        problems = self._terminate([*map(_kube_proxy, namespaces), *also], deadline)
+        problems = self.procs.terminate([*map(_kube_proxy, namespaces), *also], deadline)
         for netns in namespaces:
-            forwarder = self._forwarders.pop(netns, None)
-            if forwarder is not None:
-                try:
-                    forwarder.close(min(5.0, deadline.remaining()))
-                except LabError as exc:
-                    problems.append(str(exc))
-            if _kube_proxy(netns) in self._procs:
+            if _kube_proxy(netns) in self.procs:
                 continue  # still running: removing its tables now would only race with it
             problems += _delete_kube_proxy_tables(netns)
             self._proxy_netns.remove(netns)
         return problems
 
-    def _terminate(self, components: Sequence[str], deadline: Deadline) -> list[str]:
-        """SIGTERM the components' sessions, SIGKILL what is left after STOP_GRACE_S, reap them all."""
-        procs = {name: self._procs[name] for name in components if name in self._procs}
-        for proc in procs.values():
-            _signal_session(proc, signal.SIGTERM)
-        _wait_all(procs.values(), min(STOP_GRACE_S, deadline.remaining()))
-        for proc in procs.values():
-            _signal_session(proc, signal.SIGKILL)
-        _wait_all(procs.values(), KILL_GRACE_S)
+    def _close_forwarders(self, deadline: Deadline) -> list[str]:
         problems = []
-        for name, proc in procs.items():
-            if proc.poll() is None:
-                problems.append(f"{name} (pid {proc.pid}) still runs after SIGKILL; it may be stuck in the kernel")
-            else:
-                del self._procs[name]
+        for netns in list(self._forwarders):
+            try:
+                self._forwarders.pop(netns).close(min(5.0, deadline.remaining()))
+            except LabError as exc:
+                problems.append(str(exc))
         return problems
 
-    # ---- processes, waiting, logs ----
-
-    def _spawn(self, component: str, argv: list[str]) -> None:
-        with self.log_path(component).open("ab") as log:
-            log.write(f"---- {time.strftime('%H:%M:%S')} {' '.join(argv)}\n".encode())
-            log.flush()
-            # start_new_session: a Ctrl-C (SIGINT to the terminal's process group) does not reach the component;
-            # stop() signals the whole session, so helpers it runs (kube-proxy runs nft) go too.
-            self._procs[component] = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-            )
-
-    def _await(self, component: str, probe: Probe, deadline: Deadline, hint: str) -> None:
-        """Poll ``probe`` until it passes; the component exiting or the deadline passing raises, with its log."""
-        last = "not probed yet"
-
-        def check() -> bool | None:
-            nonlocal last
-            proc = self._procs[component]
-            if proc.poll() is not None:
-                raise ControlPlaneError(
-                    f"{component} exited with {proc.returncode} while starting; "
-                    f"the end of {self.log_path(component)}:\n{self.log_tail(component)}"
-                )
-            passed, last = probe()
-            return True if passed else None
-
-        try:
-            wait_for(
-                check, phase=f"{component} start", deadline=deadline, describe=lambda: last, hint=hint, interval=_POLL_S
-            )
-        except WaitTimeout as exc:
-            raise ControlPlaneError(
-                f"{exc}\nthe end of {self.log_path(component)}:\n{self.log_tail(component)}"
-            ) from None
+    # ---- timings, pausing, logs ----
 
     @contextlib.contextmanager
     def _timed(self, phase: str) -> Iterator[None]:
@@ -415,26 +385,12 @@ class ControlPlane:
     @contextlib.contextmanager
     def paused(self, component: str) -> Iterator[None]:
         """``component`` stopped with SIGSTOP (it keeps its sockets but answers nothing) until the block ends."""
-        proc = self._procs[component]
-        os.kill(proc.pid, signal.SIGSTOP)
-        try:
+        with self.procs.paused(component):
             yield
-        finally:
-            os.kill(proc.pid, signal.SIGCONT)
 
     def log_path(self, component: str) -> Path:
         """Where ``component`` (etcd, kube-apiserver, kube-controller-manager, kube-proxy-<netns>) logs."""
-        return self.work_dir / f"{component}.log"
-
-    def log_tail(self, component: str, lines: int = 30) -> str:
-        """The last ``lines`` lines of a component's log, for error messages."""
-        try:
-            with self.log_path(component).open("rb") as log:
-                log.seek(max(0, log.seek(0, os.SEEK_END) - _LOG_TAIL_BYTES))
-                text = log.read().decode(errors="replace")
-        except FileNotFoundError:
-            return f"(no log at {self.log_path(component)})"
-        return "\n".join(text.splitlines()[-lines:]) or "(empty)"
+        return self.procs.log_path(component)
 
 
 def _kube_proxy(netns: str) -> str:
@@ -564,18 +520,3 @@ def _free_loopback_ports(count: int) -> list[int]:
     finally:
         for probe in probes:
             probe.close()
-
-
-def _signal_session(proc: subprocess.Popen[bytes], signum: int) -> None:
-    """Signal the process's whole session (its pgid is its pid), only while it is not yet reaped: a reaped pid may
-    belong to someone else already."""
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signum)
-
-
-def _wait_all(procs: Iterable[subprocess.Popen[bytes]], seconds: float) -> None:
-    end = time.monotonic() + seconds
-    for proc in procs:
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(max(0.0, end - time.monotonic()))

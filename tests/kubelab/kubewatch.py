@@ -1,11 +1,9 @@
-"""The API side of the lab controllers: raw JSON responses, Kubernetes timestamps, and ``ObjectWatch``, a cache
-of one kind of object kept by list and watch in a thread (the mini kubelet's pods, the load-balancer
-controller's Services)."""
+"""The API side of the load-balancer controller: raw JSON responses, and ``ObjectWatch``, a cache of one kind of
+object kept by list and watch in a thread (its Services)."""
 
 from __future__ import annotations
 
 import contextlib
-import datetime
 import json
 import logging
 import threading
@@ -23,24 +21,12 @@ WATCH_WINDOW_S = 5  # server-side length of one watch request: how often resyncs
 RETRY_S = 1.0  # after a failed list or watch
 
 
-def now() -> str:
-    """The current time as Kubernetes writes it (RFC 3339, seconds)."""
-    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 def read_json(response: Any) -> Obj:
     """The body of a raw (``_preload_content=False``) response, which is released."""
     try:
         return dict(json.loads(response.data))
     finally:
         response.release_conn()
-
-
-def drain(response: Any) -> None:
-    """Read and release a raw response whose body is not needed."""
-    with contextlib.suppress(Exception):
-        response.read()
-    response.release_conn()
 
 
 def key_of(obj: Obj) -> str:

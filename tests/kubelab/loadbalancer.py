@@ -5,8 +5,8 @@ Services of type LoadBalancer in all namespaces get the first free address of a 
 a LoadBalancer (its status is then cleared). A Service that asks for a pool address in ``spec.loadBalancerIP``
 gets that one if it is free; one that already carries a pool address keeps it (a restarted controller adopts
 it). Services with a ``loadBalancerClass`` belong to another controller, IPv6-only ones cannot get a pool
-address, and ``loadBalancerSourceRanges`` are left as they are: kube-proxy enforces them. Nothing here routes
-packets: whoever builds the network routes the pool to the node.
+address, and ``loadBalancerSourceRanges`` are left as they are: kube-proxy enforces them. The packets go where
+``lbrouting.HealthRouter`` routes them: to the nodes that pass the Service's health check.
 """
 
 from __future__ import annotations
@@ -15,19 +15,21 @@ import contextlib
 import ipaddress
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import kubernetes.client
 from kubernetes.client.exceptions import ApiException
 
-from .errors import KubeletError
+from pytest_svctunnel.errors import LabError
+
 from .kubewatch import API_TIMEOUT_S, Obj, ObjectWatch, key_of
+from .lbrouting import HealthRouter, Target
 
 log = logging.getLogger(__name__)
 
 
-class LoadBalancerError(KubeletError):
+class LoadBalancerError(LabError):
     """The load-balancer controller could not start or stop."""
 
 
@@ -50,7 +52,13 @@ class LoadBalancerController:
     """Assigns pool addresses to LoadBalancer Services, in a watch thread of its own; ``start()`` returns once
     the Services are listed, ``stop()`` ends the thread (safe twice). ``assigned`` shows who has what."""
 
-    def __init__(self, api: kubernetes.client.ApiClient, pool: Sequence[ipaddress.IPv4Address]) -> None:
+    def __init__(
+        self,
+        api: kubernetes.client.ApiClient,
+        pool: Sequence[ipaddress.IPv4Address],
+        router_netns: str,
+        nodes: Mapping[str, ipaddress.IPv4Address],
+    ) -> None:
         if not pool:
             raise LoadBalancerError("the load-balancer pool is empty; pass at least one IPv4 address")
         self.core = kubernetes.client.CoreV1Api(api)
@@ -60,17 +68,31 @@ class LoadBalancerController:
         self._names: dict[str, str] = {}  # uid -> namespace/name, for messages
         self._exhausted: set[str] = set()  # uids already told that the pool is exhausted
         self._watch = ObjectWatch("services", self.core.list_service_for_all_namespaces, self._on_change, self._resync)
+        self.router = HealthRouter(router_netns, nodes, self._targets)
 
     def start(self, timeout: float = 30.0) -> None:
         self._watch.start()
         if not self._watch.synced.wait(timeout):
             raise LoadBalancerError(f"no Service list after {timeout:g} s; is the API server up? (the log shows why)")
+        self.router.start()
         log.info("load-balancer controller started (pool %s .. %s)", self.pool[0], self.pool[-1])
 
     def stop(self, timeout: float = 10.0) -> None:
         self._watch.stop()
         if not self._watch.join(timeout):
             raise LoadBalancerError(f"the Service watch did not stop within {timeout:g} s")
+        self.router.stop()
+
+    def _targets(self) -> list[Target]:
+        """Every assigned address with its Service's health check port (Local policy) or 0 (every node)."""
+        with self._lock:
+            assigned = dict(self._by_uid)
+        targets = []
+        for uid, address in assigned.items():
+            spec = (self._watch.cache.get(uid) or {}).get("spec") or {}
+            local = spec.get("externalTrafficPolicy") == "Local"
+            targets.append(Target(address, int(spec.get("healthCheckNodePort") or 0) if local else 0))
+        return targets
 
     # the watch thread
 

@@ -1,17 +1,16 @@
-"""The network a test cluster sits in: the built-in lab's path, with a Kubernetes node at its end.
+"""The network a test cluster sits in: the built-in lab's path, with two Kubernetes nodes at its end.
 
     this namespace (external host, runs pytest and the external end)
       | svt<id>-lan              198.18.K.0/30
     home router  (masquerade, rewrites source ports)
       | wan                      198.18.K.4/30
-    WAN router   (routes the load-balancer pool to the node)
-      | node                     198.18.K.8/30     node address 198.18.K.10
-    node         (kube-proxy's own rules; the CNI role: masquerade pod egress)
-      | p<n> ... pods            198.18.K.64/26, one /30 and one /64 per pod (made by the kubelet)
+    WAN router   (the load balancer's routes: a Service's address to the nodes that pass its health check)
+      | node                     198.18.K.8/30     node  svt-<id>-node   198.18.K.10, pods 198.18.K.128/26
+      | node2                    198.18.K.12/30    node  svt-<id>-node2  198.18.K.14, pods 198.18.K.192/26
+    nodes        (containerd, kubelet, kube-proxy; pods on a CNI bridge, their egress masqueraded)
 
 Names carry the run id (``pytest_svctunnel.names``), so ``hostobjects.remove_run_objects``
-removes all of it (the kubelet's pod namespaces too) and the session's leak check sees any
-leftovers.
+removes all of it and the session's leak check sees any leftovers.
 """
 
 from __future__ import annotations
@@ -20,13 +19,16 @@ import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 
-from pytest_svctunnel import device, names, netns, nft
+from pytest_svctunnel import device, netns, nft
 from pytest_svctunnel.hostobjects import remove_run_objects
 from pytest_svctunnel.lab import NO_DAD, LabPlan, pick_block
 from pytest_svctunnel.runs import Run
 from pytest_svctunnel.waiting import Deadline
 
-ROLES = ("home", "wan", "node")
+from .node import NodeSpec
+
+NODE_ROLES = ("node", "node2")
+ROLES = ("home", "wan", *NODE_ROLES)
 _FORWARDING = {"net.ipv4.ip_forward": "1", "net.ipv6.conf.all.forwarding": "1"}
 
 
@@ -37,24 +39,27 @@ class ClusterPlan:
     lab: LabPlan
 
     @property
-    def node_netns(self) -> str:
-        return self.lab.ns("node")
+    def nodes(self) -> list[NodeSpec]:
+        """The worker nodes; each one's name is its network namespace's."""
+        return [
+            NodeSpec(
+                self.lab.ns(role),
+                self.node_address(i),
+                ipaddress.IPv4Network(f"198.18.{self.lab.block}.{128 + 64 * i}/26"),
+            )
+            for i, role in enumerate(NODE_ROLES)
+        ]
+
+    def node_address(self, index: int) -> ipaddress.IPv4Address:
+        return ipaddress.IPv4Address(self.lab.address(4, 3 + index, 2))
+
+    def router_side(self, index: int, version: int = 4) -> str:
+        """The WAN router's address towards node ``index``."""
+        return str(self.lab.address(version, 3 + index, 1))
 
     @property
-    def pod_prefix(self) -> str:
-        return names.netns_name(self.lab.run_id, "pod")
-
-    @property
-    def node_address(self) -> ipaddress.IPv4Address:
-        return self.lab.v4(10)
-
-    @property
-    def pod_cidr_v4(self) -> ipaddress.IPv4Network:
-        return ipaddress.IPv4Network(f"198.18.{self.lab.block}.64/26")
-
-    @property
-    def pod_cidr_v6(self) -> ipaddress.IPv6Network:
-        return ipaddress.IPv6Network(f"fd5e:c7:{self.lab.block:x}:40::/58")
+    def cluster_cidr(self) -> ipaddress.IPv4Network:
+        return ipaddress.IPv4Network(f"198.18.{self.lab.block}.128/25")
 
     @property
     def lb_pool(self) -> list[ipaddress.IPv4Address]:
@@ -81,10 +86,12 @@ class ClusterNetwork:
                 netns.sysctl(lab.ns(role), {**NO_DAD, **_FORWARDING})
             self._link(None, lab.lan_link, "home", "lan", 1, 2, 1)
             self._link("home", "wan", "wan", "home", 2, 1, 2)
-            self._link("wan", "node", "node", "wan", 3, 1, 2)
+            for index, role in enumerate(NODE_ROLES):
+                self._link("wan", role, role, "wan", 3 + index, 1, 2)
             self._routes()
             nft.apply(_home_rules(), lab.ns("home"))
-            nft.apply(self._node_rules(), lab.ns("node"))
+            for node in self.plan.nodes:
+                nft.apply(self._node_rules(node), node.netns)
         except BaseException:
             self.down(Deadline.after(30))
             raise
@@ -110,25 +117,28 @@ class ClusterNetwork:
 
     def _routes(self) -> None:
         lab, plan = self.plan.lab, self.plan
+        home = str(lab.address(4, 1, 1))
         routes: list[tuple[str | None, str, str]] = [
-            (None, str(plan.lb_net), str(lab.address(4, 1, 1))),
-            (None, f"{plan.node_address}/32", str(lab.address(4, 1, 1))),
+            (None, str(plan.lb_net), home),
             ("home", "0.0.0.0/0", str(lab.address(4, 2, 2))),
             ("home", "::/0", str(lab.address(6, 2, 2))),
-            ("wan", str(plan.lb_net), str(lab.address(4, 3, 2))),
-            ("node", "0.0.0.0/0", str(lab.address(4, 3, 1))),
-            ("node", "::/0", str(lab.address(6, 3, 1))),
         ]
+        for index, (role, node) in enumerate(zip(NODE_ROLES, plan.nodes, strict=True)):
+            routes += [
+                (None, f"{node.address}/32", home),
+                ("wan", str(node.pod_cidr), str(node.address)),
+                (role, "0.0.0.0/0", plan.router_side(index)),
+                (role, "::/0", plan.router_side(index, 6)),
+            ]
         for role, destination, gateway in routes:
             with device.netlink(lab.ns(role) if role else None) as ipr:
                 ipr.route("add", dst=destination, gateway=gateway)
 
-    def _node_rules(self) -> str:
-        """The CNI's part: pods reach the outside world masqueraded to the node address."""
+    def _node_rules(self, node: NodeSpec) -> str:
+        """The CNI's part: pods reach the world outside the cluster masqueraded to the node address."""
         body = (
             "  chain postrouting {\n    type nat hook postrouting priority srcnat; policy accept;\n"
-            f'    oifname "wan" ip saddr {self.plan.pod_cidr_v4} masquerade\n'
-            f'    oifname "wan" ip6 saddr {self.plan.pod_cidr_v6} masquerade\n'
+            f'    oifname "wan" ip saddr {node.pod_cidr} ip daddr != {self.plan.cluster_cidr} masquerade\n'
             "  }"
         )
         return nft.replace_table("inet", "svtcni", body)
