@@ -17,7 +17,7 @@ from .connector import ConnectSettings, ExternalEnd
 from .errors import ConfigError, SvcTunnelError
 from .lab import Lab, lab_runs
 from .networks import DEFAULT_VNI, single_network
-from .privileges import require_net_admin
+from .privileges import AGENT_REMEDY, require_net_admin
 from .protocol import DEFAULT_PORT, Endpoint
 from .reaper import Reaper
 from .runs import Run
@@ -145,7 +145,7 @@ def _keygen(_args: argparse.Namespace) -> int:
 
 def _agent(args: argparse.Namespace) -> int:
     settings = agentsettings.resolve(vars(args), os.environ)
-    require_net_admin("svctunnel agent")
+    require_net_admin("svctunnel agent", AGENT_REMEDY)
     return run_agent(settings)
 
 

@@ -36,7 +36,13 @@ def apply(ruleset: str, netns: str | None = None) -> None:
     except subprocess.TimeoutExpired:
         raise KernelError(f"nft did not finish within {_NFT_TIMEOUT_S:g} s in {netns or 'this namespace'}") from None
     if done.returncode != 0:
-        raise KernelError(f"nft failed in {netns or 'this namespace'}: {done.stderr.strip()}\n{ruleset}")
+        where, problem = netns or "this namespace", done.stderr.strip()
+        if "Operation not permitted" in problem:  # the ruleset is fine; the process may not load any
+            raise KernelError(
+                f"nft was refused in {where} ({' '.join(problem.split())}): it needs CAP_NET_ADMIN there;"
+                " in a pod, add NET_ADMIN to the container's securityContext.capabilities"
+            )
+        raise KernelError(f"nft failed in {where}: {problem}\n{ruleset}")
 
 
 def replace_table(family: str, name: str, body: str) -> str:

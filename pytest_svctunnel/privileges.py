@@ -22,11 +22,15 @@ def require(cap: int, name: str, what: str, remedy: str) -> None:
         raise PrivilegeError(f"{what} needs {name}, which this process lacks; {remedy}")
 
 
-def require_net_admin(what: str) -> None:
-    require(
-        CAP_NET_ADMIN,
-        "CAP_NET_ADMIN",
-        what,
-        "run as root (e.g. 'sudo -E pytest ...') or grant the capability"
-        " (e.g. 'sudo setcap cap_net_admin,cap_net_raw+ep' on the Python interpreter)",
-    )
+LOCAL_REMEDY = (
+    "run as root (e.g. 'sudo -E pytest ...') or grant the capability"
+    " (e.g. 'sudo setcap cap_net_admin,cap_net_raw+ep' on the Python interpreter)"
+)
+AGENT_REMEDY = (
+    "in a pod, the container needs securityContext.capabilities.add [NET_ADMIN, NET_RAW] (as in"
+    " manifests/svctunnel.yaml; a policy that strips them must allow them for the agent); elsewhere run it as root"
+)
+
+
+def require_net_admin(what: str, remedy: str = LOCAL_REMEDY) -> None:
+    require(CAP_NET_ADMIN, "CAP_NET_ADMIN", what, remedy)

@@ -417,3 +417,149 @@ def test_teardown_against_a_paused_api_server_ends_by_its_deadline(cluster: Test
             core.delete_namespace(namespace)
         run.remove()
     assert labelled(cluster.api, run.id) == []
+
+
+def test_the_nodes_are_real_kubelets_on_containerd(cluster: TestCluster) -> None:
+    """Both nodes registered themselves (the real kubelet of the pinned release on containerd), are Ready
+    and schedulable; the start-up times are printed for the record."""
+    core = client.CoreV1Api(cluster.api)
+    release = cluster.plane.bin_dir.parent.name.split("-")[0]  # the cache directory is named after it
+    nodes = {n.metadata.name: n for n in core.list_node().items}
+    assert sorted(nodes) == sorted(cluster.node_names)
+    for node in nodes.values():
+        info = node.status.node_info
+        assert info.kubelet_version == release, info
+        assert info.container_runtime_version.startswith("containerd://"), info
+        ready = {c.type: c.status for c in node.status.conditions}
+        assert ready["Ready"] == "True" and not node.spec.unschedulable and not node.spec.taints, node.status
+    print(", ".join(f"{phase} {seconds:.1f} s" for phase, seconds in cluster.timings.items()))
+
+
+MOVE_SUITE = """
+import os
+import subprocess
+import time
+
+from kubernetes import client, config
+
+from pytest_svctunnel import names
+
+
+def ping(address, dev):
+    done = subprocess.run(["ping", "-c", "1", "-W", "1", "-I", dev, str(address)], capture_output=True)
+    return done.returncode == 0
+
+
+def test_the_tunnel_follows_its_pod_to_the_other_node(svctunnel):
+    core = client.CoreV1Api(config.new_client_from_config(config_file=os.environ["SVCTUNNEL_KUBECONFIG"]))
+    selector = names.label_selector(svctunnel.run_id)
+    (old,) = core.list_pod_for_all_namespaces(label_selector=selector).items
+    source = old.spec.node_name
+    assert ping(svctunnel.remote_ipv4.ip, svctunnel.dev)
+    core.patch_node(source, {"spec": {"unschedulable": True}})
+    core.delete_namespaced_pod(old.metadata.name, old.metadata.namespace)
+    started = time.monotonic()
+    while time.monotonic() < started + 120:
+        pods = core.list_pod_for_all_namespaces(label_selector=selector).items
+        moved = [p for p in pods if p.metadata.uid != old.metadata.uid and p.status.pod_ip]
+        if moved and all(p.metadata.uid != old.metadata.uid for p in pods):
+            target = moved[0].spec.node_name
+            assert target != source, f"the new pod runs on the cordoned node {source}"
+            if ping(svctunnel.remote_ipv4.ip, svctunnel.dev) and ping(svctunnel.remote_ipv6.ip, svctunnel.dev):
+                print(f"moved from {source} to {target}; healed {time.monotonic() - started:.2f} s after"
+                      " the pod was deleted")
+                return
+        time.sleep(0.2)
+    raise AssertionError("the tunnel did not follow its pod within 120 s of the pod's deletion")
+"""
+
+
+def test_the_tunnel_follows_its_pod_to_the_other_node(pytester: pytest.Pytester, cluster: TestCluster) -> None:
+    """externalTrafficPolicy Local as it matters on real clusters: the cloud's load balancer sends the
+    Service's traffic only to the node with the pod. Cordon that node and delete the pod: the Deployment's
+    new pod lands on the other node, the health checks move the route, and the tunnel heals."""
+    pytester.makepyfile(test_move=MOVE_SUITE)
+    try:
+        result, run_id = run_inner(pytester, cluster)
+    finally:
+        core = client.CoreV1Api(cluster.api)
+        for name in cluster.node_names:
+            core.patch_node(name, {"spec": {"unschedulable": False}})
+    output = result.stdout.str()
+    assert result.ret == pytest.ExitCode.OK, output
+    moved = re.search(r"moved from (svt-\w+-node2?) to (svt-\w+-node2?); healed", output)
+    assert moved is not None and moved[1] != moved[2], output
+    assert_run_left_nothing(cluster, run_id, output)
+
+
+def test_a_crashing_agent_fails_early_with_its_own_words(pytester: pytest.Pytester, cluster: TestCluster) -> None:
+    """An agent that exits at once (node mode with a bridge the node does not have) goes into the real
+    kubelet's CrashLoopBackOff; the session fails on that state, with the agent's one-line error from its
+    log (through the API server and the kubelet), and leaves nothing."""
+    pytester.makepyfile(test_multinet=EXAMPLE.read_text())
+    bridge = "svtbr-missing"
+    result, run_id = run_inner(pytester, cluster, "--svctunnel-node", cluster.node_name, "--svctunnel-bridge", bridge)
+    output = result.stdout.str()
+    assert result.ret == pytest.ExitCode.TESTS_FAILED, output
+    assert "it keeps exiting (CrashLoopBackOff" in output and "last exit code 1" in output, output
+    log = output.split("--- pod end log", 1)[-1].split("--- pod end pods", 1)[0]
+    assert bridge in log and "Traceback" not in log, output
+    assert "not done after" not in output, "a crashing agent must fail on its state, not at the deadline"
+    assert_run_left_nothing(cluster, run_id, output)
+
+
+# An inner session's conftest that breaks the pod end the way a cluster's policy or a mistake would:
+# the rendered Deployment's one container is changed before it is created.
+BREAKING_CONFTEST = """
+from pytest_svctunnel.backends.kubernetes import manifests
+
+render = manifests.pod_end
+
+
+def broken(end):
+    rendered = render(end)
+    (container,) = rendered["Deployment"]["spec"]["template"]["spec"]["containers"]
+    {change}
+    return rendered
+
+
+manifests.pod_end = broken
+"""
+
+BROKEN_POD_ENDS = {
+    # the change to the agent's container -> what the session's error says, what the agent's log says
+    "without-net-admin": (
+        'container["securityContext"]["capabilities"]["add"] = ["NET_RAW"]',
+        ("it keeps exiting (CrashLoopBackOff", "last exit code 1"),
+        ("needs CAP_NET_ADMIN", "securityContext.capabilities.add [NET_ADMIN, NET_RAW]"),
+    ),
+    "image-never-pulled": (
+        'container["image"], container["imagePullPolicy"] = "svctunnel-agent:not-loaded", "Never"',
+        ("its image is not on the node and may not be pulled (ErrImageNeverPull", "kind load"),
+        (),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BROKEN_POD_ENDS))
+def test_a_broken_pod_end_fails_the_way_the_kubelet_reports_it(
+    pytester: pytest.Pytester, cluster: TestCluster, case: str
+) -> None:
+    """What runc and the kubelet enforce, the session reports: an agent without NET_ADMIN (runc does not
+    give it the capability) exits with our one-line error and its remedy, not a traceback, and the session
+    fails on the real crash loop; an image that is not on the node and may not be pulled fails on
+    ErrImageNeverPull. Both early, and leaving nothing."""
+    change, error_says, log_says = BROKEN_POD_ENDS[case]
+    pytester.makeconftest(BREAKING_CONFTEST.format(change=change))
+    pytester.makepyfile(test_multinet=EXAMPLE.read_text())
+    result, run_id = run_inner(pytester, cluster, "-x")
+    output = result.stdout.str()
+    assert result.ret == pytest.ExitCode.TESTS_FAILED, output
+    for phrase in error_says:
+        assert phrase in output, output
+    log = output.split("--- pod end log", 1)[-1].split("--- pod end pods", 1)[0]
+    for phrase in log_says:
+        assert phrase in log, output
+    assert "Traceback" not in log, output
+    assert "not done after" not in output, "a pod end that cannot run must fail on its state, not at the deadline"
+    assert_run_left_nothing(cluster, run_id, output)

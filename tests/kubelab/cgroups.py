@@ -27,13 +27,32 @@ _KILL_POLL_S = 0.05
 
 def hierarchies() -> list[Path]:
     """The mount point of every cgroup hierarchy here: each v1 hierarchy, and the (hybrid) v2 one if any."""
-    found: dict[str, Path] = {}
+    return list(_mounts())
+
+
+def _mounts() -> dict[Path, frozenset[str]]:
+    """Each cgroup mount point with its controllers (empty for v2), one per hierarchy."""
+    found: dict[str, tuple[Path, frozenset[str]]] = {}
     for line in MOUNTINFO.read_text().splitlines():
         mount, _, fs = line.partition(" - ")
-        if fs.split(" ", 1)[0] in ("cgroup", "cgroup2"):
+        kind, _, rest = fs.partition(" ")
+        if kind in ("cgroup", "cgroup2"):
             fields = mount.split()
-            found.setdefault(fields[2], Path(fields[4]))  # by device: one hierarchy may be mounted twice
-    return list(found.values())
+            options = rest.split()[1].split(",") if kind == "cgroup" else []
+            found.setdefault(fields[2], (Path(fields[4]), frozenset(options)))  # by device: one may be mounted twice
+    return dict(found.values())
+
+
+def own_paths() -> dict[Path, str]:
+    """This process's cgroup in each hierarchy, by mount point."""
+    paths: dict[Path, str] = {}
+    lines = [line.split(":", 2) for line in Path("/proc/self/cgroup").read_text().splitlines()]
+    for mount, options in _mounts().items():
+        for _, controllers, path in lines:
+            wanted = set(controllers.split(",")) - {""}
+            if (wanted and wanted <= options) or (not wanted and not options):
+                paths[mount] = path
+    return paths
 
 
 def own_path(controller: str = "memory") -> str:
@@ -51,7 +70,6 @@ class NodeCgroup:
     def __init__(self, name: str, parent: str | None = None) -> None:
         self.name = name
         self.path = f"{(parent if parent is not None else own_path()).rstrip('/')}/{name}"
-        self._made: list[Path] = []  # directories this object created, parents first
 
     def dirs(self) -> list[Path]:
         return [mount / self.path.lstrip("/") for mount in hierarchies()]
@@ -71,7 +89,6 @@ class NodeCgroup:
                     continue
                 with contextlib.suppress(FileExistsError):  # another node of this cluster made it just now
                     directory.mkdir()
-                self._made.append(directory)  # whoever stops last removes a shared parent
                 _inherit_cpuset(directory)
 
     def enter_command(self) -> str:
@@ -83,12 +100,11 @@ class NodeCgroup:
         return {pid for directory in self.dirs() for pid in _tree_pids(directory)}
 
     def remove(self, deadline: Deadline) -> None:
-        """SIGKILL every process in the tree, then remove its cgroups leaf-first (and the parents made here)."""
-        kill_tree(self.dirs(), deadline, what=f"node cgroup {self.path}")
-        for directory in reversed(self._made):  # the parents this object made, if nothing else uses them now
-            with contextlib.suppress(OSError):
-                directory.rmdir()
-        self._made.clear()
+        """SIGKILL every process in the tree, then remove its cgroups leaf-first, and the parents made for it."""
+        roots = self.dirs()
+        kill_tree(roots, deadline, what=f"node cgroup {self.path}")
+        for root in roots:
+            remove_empty_parents(root)
 
 
 def kill_tree(roots: list[Path], deadline: Deadline, what: str) -> None:
@@ -120,8 +136,33 @@ def reap_crashed(alive: Callable[[str], bool], deadline: Deadline) -> list[str]:
             if match is None or alive(match["run"]):
                 continue
             kill_tree([directory], deadline, what=f"leftover node cgroup {directory}")
+            remove_empty_parents(directory)
             reaped.append(str(directory))
     return reaped
+
+
+def parent_dirs() -> list[Path]:
+    """The directories a node cgroup's path passes through, in every hierarchy (they may be missing)."""
+    parent = Path(own_path().lstrip("/"))
+    levels = [parent, *list(parent.parents)[:-1]]  # without the hierarchy's root itself
+    return [mount / level for mount in hierarchies() for level in levels if str(level) != "."]
+
+
+def remove_empty_parents(directory: Path) -> None:
+    """Remove the parents a node's cgroup was given (a copy of this process's memory cgroup path in the other
+    hierarchies) once they are empty; never this process's own cgroup or its parents in any hierarchy."""
+    mount = next((m for m in hierarchies() if directory.is_relative_to(m)), None)
+    if mount is None:
+        return
+    own = mount / own_paths().get(mount, "/").lstrip("/")
+    protected = {own, *own.parents}
+    for parent in directory.parents:
+        if parent == mount or not parent.is_relative_to(mount) or parent in protected:
+            return
+        try:
+            parent.rmdir()
+        except OSError:  # in use (another node, another process): so are its parents
+            return
 
 
 def _node_cgroups(mount: Path, depth: int = 4) -> Iterator[Path]:

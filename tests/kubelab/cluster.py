@@ -155,9 +155,11 @@ def _alive(run_id: str) -> bool:
 
 
 def host_state() -> dict[str, str]:
-    """What the nodes must not change: the kernel settings and which of the host paths exist."""
+    """What the nodes must not change: the kernel settings, which of the host paths exist, and which of the
+    cgroups a node's cgroup sits in."""
     state = {f"sysctl {key}": Path(f"/proc/sys/{key}").read_text().strip() for key in HOST_SETTINGS}
     state.update({f"path {path}": str(Path(path).exists()) for path in HOST_PATHS})
+    state.update({f"cgroup {path}": str(path.exists()) for path in cgroups.parent_dirs()})
     return state
 
 

@@ -76,14 +76,24 @@ class NodeSpec:
 
 class Node:
     """containerd and the kubelet of one node; ``start()`` returns once the Node is Ready in the API,
-    ``stop()`` kills all of it and removes its cgroups and containerd's data (safe twice)."""
+    ``stop()`` kills all of it and removes its cgroups and containerd's data (safe twice).
+    ``start_runtime()`` alone starts the container runtime without a kubelet (``plane`` may then be None).
+    ``runtime_path``: the PATH containerd finds its shim and runc on (default: this one, with the sbin
+    directories)."""
 
-    def __init__(self, spec: NodeSpec, plane: ControlPlane, work_dir: Path, images: Sequence[Path]) -> None:
+    def __init__(
+        self,
+        spec: NodeSpec,
+        plane: ControlPlane | None,
+        work_dir: Path,
+        images: Sequence[Path],
+        runtime_path: str | None = None,
+    ) -> None:
         self.spec = spec
-        self.plane = plane
+        self._plane = plane
         self.work_dir = work_dir
         self.images = list(images)
-        self.bin_dir = plane.bin_dir
+        self.runtime_path = runtime_path
         self.cgroup = NodeCgroup(spec.name)
         self.procs = Supervisor(work_dir / "logs")
         self.timings: dict[str, float] = {}
@@ -100,19 +110,30 @@ class Node:
 
     # ---- starting ----
 
+    @property
+    def plane(self) -> ControlPlane:
+        if self._plane is None:
+            raise NodeError(f"node {self.spec.name} has no control plane; only its runtime can run")
+        return self._plane
+
     def start(self, deadline: Deadline) -> None:
+        """The runtime, then the kubelet; on any failure whatever was started is stopped again."""
         try:
-            self.work_dir.mkdir(parents=True, exist_ok=True)
-            self._timed("cgroup", self.cgroup.create)
-            self._write_files()
-            self._timed("mount namespace", lambda: self._start_holder(deadline))
-            self._timed("containerd", lambda: self._start_containerd(deadline))
-            self._timed("images", lambda: self._import_images(deadline))
-            self._timed("precondition", lambda: self.check_runs_containers(deadline))
+            self.start_runtime(deadline)
             self._timed("kubelet", lambda: self._start_kubelet(deadline))
         except BaseException:
             self.stop()
             raise
+
+    def start_runtime(self, deadline: Deadline) -> None:
+        """The cgroup, the mount namespace, containerd with the images, and the precondition check."""
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        self._timed("cgroup", self.cgroup.create)
+        self._write_runtime_files()
+        self._timed("mount namespace", lambda: self._start_holder(deadline))
+        self._timed("containerd", lambda: self._start_containerd(deadline))
+        self._timed("images", lambda: self._import_images(deadline))
+        self._timed("precondition", lambda: self.check_runs_containers(deadline))
 
     def _timed(self, phase: str, step: Callable[[], None]) -> None:
         started = time.monotonic()
@@ -121,13 +142,15 @@ class Node:
         finally:
             self.timings[phase] = time.monotonic() - started
 
-    def _write_files(self) -> None:
+    def _write_runtime_files(self) -> None:
         for directory in ("run", "varlib", "sysctl", "cni/net.d", "cni/ipam", "pod-logs", "volume-plugins"):
             (self.work_dir / directory).mkdir(parents=True, exist_ok=True)
         for key, value in KERNEL_SETTINGS.items():
             (self.work_dir / "sysctl" / key.replace("/", "_")).write_text(f"{value}\n")
         (self.work_dir / "containerd.toml").write_text(self._containerd_config())
         (self.work_dir / "cni/net.d/10-svtlab.conflist").write_text(json.dumps(self._cni_config(), indent=1))
+
+    def _write_kubelet_files(self) -> None:
         (self.work_dir / "kubelet.json").write_text(json.dumps(self._kubelet_config(), indent=1))
         server = self.plane.api_server_in(self.spec.netns)
         identity = self.plane.pki.node(self.spec.name)
@@ -181,7 +204,7 @@ class Node:
     def _start_containerd(self, deadline: Deadline) -> None:
         name = self._names("containerd")
         argv = self._in_cgroup(self._in_node(["containerd", "--config", str(self.work_dir / "containerd.toml")]))
-        self.procs.spawn(name, argv, env=_runtime_env())
+        self.procs.spawn(name, argv, env=_runtime_env(self.runtime_path))
         self.procs.await_ready(
             name, self._containerd_answers, deadline, "containerd never answered on its socket; see its log"
         )
@@ -235,9 +258,10 @@ class Node:
         return sorted(set(sandboxes.stdout.split()) & set(tasks.stdout.split()))
 
     def _start_kubelet(self, deadline: Deadline) -> None:
+        self._write_kubelet_files()
         name = self._names("kubelet")
         argv = [
-            str(self.bin_dir / "kubelet"),
+            str(self.plane.bin_dir / "kubelet"),
             f"--config={self.work_dir / 'kubelet.json'}",
             f"--kubeconfig={self.work_dir / 'kubelet.kubeconfig'}",
             f"--hostname-override={self.spec.name}",
@@ -357,7 +381,8 @@ disabled_plugins = ["io.containerd.internal.v1.opt"]
             problems.append(str(exc))
         problems += self.procs.terminate(self.procs.names, deadline)
         self._holder_pid = None
-        shutil.rmtree(self.work_dir / "containerd", ignore_errors=True)  # the images' layers: hundreds of MB
+        for state in ("containerd", "cni/ipam", "run", "varlib", "pod-logs"):  # what ran; configurations and logs stay
+            shutil.rmtree(self.work_dir / state, ignore_errors=True)  # containerd's: the images, hundreds of MB
         if problems:
             raise NodeError(f"stopping node {self.spec.name}: {'; '.join(problems)}")
 
@@ -366,10 +391,12 @@ disabled_plugins = ["io.containerd.internal.v1.opt"]
         return self.procs.log_path(self._names(role))
 
 
-def _runtime_env() -> dict[str, str]:
+def _runtime_env(path_override: str | None = None) -> dict[str, str]:
     """containerd's and the kubelet's environment: this one without proxies (nothing is pulled through them),
-    with the sbin directories (runc, mount, nsenter)."""
+    with the sbin directories (runc, mount, nsenter), or exactly ``path_override`` as PATH."""
     env = {k: v for k, v in os.environ.items() if k.lower() not in _PROXY_VARIABLES}
+    if path_override is not None:
+        return {**env, "PATH": path_override}
     path = env.get("PATH", "/usr/bin:/bin").split(":")
     env["PATH"] = ":".join([*path, *(d for d in ("/usr/sbin", "/sbin") if d not in path)])
     return env
