@@ -126,7 +126,8 @@ class Node:
             raise
 
     def start_runtime(self, deadline: Deadline) -> None:
-        """The cgroup, the mount namespace, containerd with the images, and the precondition check."""
+        """The cgroup, the mount namespace, containerd with the images, and the precondition check. Unlike
+        ``start()``, a failure leaves what was started for the caller's ``stop()``."""
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self._timed("cgroup", self.cgroup.create)
         self._write_runtime_files()
