@@ -4,6 +4,10 @@ It never sends on the tunnel port before it has heard a valid hello: the first
 datagram it sends is a CHALLENGE, which follows the flow the hello opened back
 through the Service. It commits to a peer only when that peer answers the
 challenge, and its nftables filter keeps the port closed to everyone else.
+
+It ends itself on an authenticated GOODBYE (after removing what it built, it says
+goodbye back), and, with ``idle_exit``, after that long without a word from a peer:
+an agent that cannot be removed from someone else's pod must not outlive its session.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from .protocol import (
     Challenge,
     Confirm,
     Endpoint,
+    Goodbye,
     Hello,
     Message,
     PodNetwork,
@@ -86,7 +91,10 @@ class Agent:
         self._unlogged_rejects = 0
         self._dead_after_s = 0.0
         self._last_heard = time.monotonic()
+        self._last_word = time.monotonic()  # the last authenticated message or tunnel traffic
         self._rx_total = 0
+        self._torn_down = False
+        self.finished = False  # said goodbye, or idle too long: serve returns
 
     # -- the loop --------------------------------------------------------------
 
@@ -97,7 +105,7 @@ class Agent:
         try:
             with HelloTap(self.settings.port, self.settings.underlay_dev) as tap:
                 log.info("listening on UDP port %d (%s)", self.settings.port, self._pin_text())
-                while not stop():
+                while not stop() and not self.finished:
                     datagram = tap.receive(timeout=_TICK_S)
                     if datagram is not None:
                         self.handle(datagram)
@@ -123,10 +131,14 @@ class Agent:
     def _pin_text(self) -> str:
         return f"hellos only from {self.settings.peer}" if self.settings.peer else "hellos from any address"
 
-    def teardown(self) -> None:
+    def teardown(self, why: str = "") -> None:
+        """Remove every network and the port filter (once)."""
+        if self._torn_down:
+            return
         self._remove_networks()
         nft.delete_table("inet", nft.filter_table(self.settings.port))
-        self._set_state("stopped", "removed all networks and the port filter")
+        self._torn_down = True
+        self._set_state("stopped", f"removed all networks and the port filter{why}")
 
     # -- liveness ----------------------------------------------------------------
 
@@ -136,12 +148,17 @@ class Agent:
         Only the authenticated peer gets through the port filter, so any frame the
         devices received is a sign of life; the external end's keepalives provide them.
         """
+        now = time.monotonic()
+        idle = self.settings.idle_exit
+        if idle is not None and now - self._last_word > idle:
+            self.teardown(f" after {now - self._last_word:.0f} s without a word from a peer (idle exit {idle:g} s)")
+            self.finished = True
+            return
         if self.status.state != "up":
             return
         rx = self._received()
-        now = time.monotonic()
         if rx != self._rx_total:
-            self._rx_total, self._last_heard = rx, now
+            self._rx_total, self._last_heard, self._last_word = rx, now, now
         elif now - self._last_heard > self._dead_after_s:
             for dev in self.status.networks:
                 device.set_peer(None, dev, None)
@@ -166,10 +183,13 @@ class Agent:
         datagram = self._as_delivered(datagram)
         try:
             message = self._authenticate(datagram)
+            self._last_word = time.monotonic()
             if isinstance(message.body, Hello):
                 self._challenge(message, datagram)
             elif isinstance(message.body, Confirm):
                 self._commit(message, datagram)
+            elif isinstance(message.body, Goodbye):
+                self._farewell(message, datagram)
             else:
                 raise ProtocolError(Reject.UNSOLICITED, message.type.name)
         except ProtocolError as exc:
@@ -248,6 +268,13 @@ class Agent:
         self.status.counters["handshakes"] += 1
         self._send(message, self._ack(datagram.source), datagram)
 
+    def _farewell(self, message: Message, datagram: UdpDatagram) -> None:
+        """Remove everything, then say goodbye back (so the sender knows it is done) and finish."""
+        self.status.counters["goodbyes"] += 1
+        self.teardown(f" on a goodbye from {datagram.source}")
+        self._send(message, Goodbye(), datagram)
+        self.finished = True
+
     def _failed_build(self, exc: SvcTunnelError) -> None:
         """An authenticated hello that cannot be built: undo it all, stay up, answer nothing."""
         self.status.counters["build-failed"] += 1
@@ -300,7 +327,7 @@ class Agent:
             "up", f"{'peer moved to' if moved else 'tunnel up with'} {peer}, {len(wanted)} network(s), mtu {mtu}"
         )
 
-    def _send(self, request: Message, body: Challenge | Ack, datagram: UdpDatagram) -> None:
+    def _send(self, request: Message, body: Challenge | Ack | Goodbye, datagram: UdpDatagram) -> None:
         reply = Message(request.session, request.counter, self._now_ms(), body)
         send_raw_udp(datagram.destination, datagram.source, encode(reply, self.settings.key))
 

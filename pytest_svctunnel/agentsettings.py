@@ -43,6 +43,9 @@ class AgentSettings:
     # to hellos seen before the node's DNAT, addressed to the Service
     local_address: IPAddress | None = None
     host_network: bool = False  # runs in the node's own namespace (node mode)
+    # remove everything and exit after this many seconds without a word from a peer (None: never);
+    # an agent injected into someone else's pod must not outlive a test session that was killed
+    idle_exit: float | None = None
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,7 @@ SETTINGS: tuple[_Setting, ...] = (
     _Setting("bridge", parse_ifname, "every network's device joins this Linux bridge"),
     _Setting("local_address", parse_address, "the pod's address, for hellos seen before the node's DNAT"),
     _Setting("host_network", parse_bool, "the agent runs in the node's own network namespace", boolean=True),
+    _Setting("idle_exit", parse_seconds, "remove everything and exit after this long without a word from a peer"),
 )
 _DEFAULTS = {f.name: f.default for f in fields(AgentSettings) if f.name != "key"}
 

@@ -1,4 +1,4 @@
-"""The ``svctunnel`` command: keygen, agent, connect, lab, reap."""
+"""The ``svctunnel`` command: keygen, agent, connect, goodbye, lab, reap."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from . import agentsettings, keys, names
 from .agent import run_agent
 from .connector import ConnectSettings, ExternalEnd
 from .errors import ConfigError, SvcTunnelError
+from .goodbye import say_goodbye
 from .lab import Lab, lab_runs
 from .networks import DEFAULT_VNI, single_network
 from .privileges import AGENT_REMEDY, require_net_admin
@@ -22,6 +23,7 @@ from .protocol import DEFAULT_PORT, Endpoint
 from .reaper import Reaper
 from .runs import Run
 from .values import parse_ifname, parse_misses, parse_port, parse_seconds, parse_vni
+from .waiting import Deadline
 
 EXIT_USAGE = 2
 
@@ -106,6 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
     connect.add_argument("--keepalive", type=_timeout, default=5.0, help="seconds between keepalives (default 5)")
     connect.add_argument("--misses", type=_misses, default=3, help="missed keepalives before re-handshake (default 3)")
 
+    goodbye = sub.add_parser(
+        "goodbye", help="end the agent behind a Service: it removes its devices and port filter, then exits"
+    )
+    goodbye.add_argument("--service", type=_service, required=True, help="Service address ADDR[:PORT]")
+    goodbye.add_argument("--key-file", required=True)
+    goodbye.add_argument("--timeout", type=_timeout, default=5.0, help="seconds to wait for its answer (default 5)")
+
     lab = sub.add_parser("lab", help="the built-in lab: namespaces that copy a cluster's network path")
     lab_sub = lab.add_subparsers(dest="lab_command", required=True, parser_class=_Parser)
     up = lab_sub.add_parser("up", help="build a lab and start its agent; prints how to connect")
@@ -189,6 +198,19 @@ def _connect(args: argparse.Namespace) -> int:
     return 0 if ready else 130
 
 
+def _goodbye(args: argparse.Namespace) -> int:
+    key = keys.read_key_file(args.key_file)
+    if say_goodbye(args.service, key, Deadline.after(args.timeout)):
+        print(f"the agent behind {args.service} removed everything and exits")
+        return 0
+    print(
+        f"svctunnel: no goodbye back from {args.service} within {args.timeout:g} s: the agent is gone already,"
+        " the key is not its key, or the Service does not forward to it",
+        file=sys.stderr,
+    )
+    return 1
+
+
 def _lab(args: argparse.Namespace) -> int:
     wanted = getattr(args, "run", None)
     if wanted and not (names.RUN_ID.fullmatch(wanted) and (Run.existing(wanted).dir / "lab.json").exists()):
@@ -237,6 +259,7 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "keygen": _keygen,
     "agent": _agent,
     "connect": _connect,
+    "goodbye": _goodbye,
     "lab": _lab,
     "reap": _reap,
 }

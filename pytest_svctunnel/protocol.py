@@ -11,6 +11,9 @@ Four messages open a tunnel, all HMAC-SHA256 authenticated with the session key:
    sender as its peer, so a replayed or raced hello can never move the tunnel.
 4. ACK (pod -> external): the networks are built; the pod's view of the peer.
 
+One message ends it: GOODBYE (external -> pod) asks the pod end to remove everything it
+built and exit; the pod end answers with a GOODBYE of its own once that is done.
+
 Layout: a fixed 32-byte header, a type-specific body of fixed size, and a 32-byte
 MAC over both. The MAC is checked in constant time before the body is parsed.
 """
@@ -49,6 +52,7 @@ class MsgType(enum.IntEnum):
     CHALLENGE = 2
     CONFIRM = 3
     ACK = 4
+    GOODBYE = 5
 
 
 class Reject(enum.Enum):
@@ -127,12 +131,18 @@ class Ack:
     built: int
 
 
-Body = Hello | Challenge | Confirm | Ack
+@dataclass(frozen=True)
+class Goodbye:
+    """External -> pod: remove every network and the port filter, then exit. Pod -> external: done."""
+
+
+Body = Hello | Challenge | Confirm | Ack | Goodbye
 _BODY_TYPES: dict[type, MsgType] = {
     Hello: MsgType.HELLO,
     Challenge: MsgType.CHALLENGE,
     Confirm: MsgType.CONFIRM,
     Ack: MsgType.ACK,
+    Goodbye: MsgType.GOODBYE,
 }
 
 
@@ -181,6 +191,8 @@ def _encode_body(body: Body) -> bytes:
         return body.nonce + _encode_endpoint(body.observed)
     if isinstance(body, Confirm):
         return body.nonce
+    if isinstance(body, Goodbye):
+        return b""
     return _encode_endpoint(body.observed) + struct.pack("!HB", body.mtu, body.built)
 
 
@@ -281,6 +293,9 @@ def _decode_body(mtype: MsgType, raw: bytes) -> Body:
         if mtype is MsgType.CONFIRM:
             _expect_len(raw, NONCE_LEN)
             return Confirm(raw)
+        if mtype is MsgType.GOODBYE:
+            _expect_len(raw, 0)
+            return Goodbye()
         _expect_len(raw, _ENDPOINT.size + 3)
         mtu, built = struct.unpack_from("!HB", raw, _ENDPOINT.size)
         _check_mtu(mtu)

@@ -24,6 +24,7 @@ from pytest_svctunnel.protocol import (
     Challenge,
     Confirm,
     Endpoint,
+    Goodbye,
     Hello,
     Message,
     MsgType,
@@ -103,10 +104,17 @@ ROUND_TRIP = {
     "confirm": message(Confirm(NONCE)),
     "ack-ipv4": message(Ack(V4_END, 1450, 1)),
     "ack-ipv6": message(Ack(V6_END, 68, 16)),
+    "goodbye": message(Goodbye()),
     "extreme-header-values": message(Confirm(bytes(16)), session=bytes(8), counter=2**64 - 1, stamp=0),
 }
 
-EXPECTED_TYPE = {Hello: MsgType.HELLO, Challenge: MsgType.CHALLENGE, Confirm: MsgType.CONFIRM, Ack: MsgType.ACK}
+EXPECTED_TYPE = {
+    Hello: MsgType.HELLO,
+    Challenge: MsgType.CHALLENGE,
+    Confirm: MsgType.CONFIRM,
+    Ack: MsgType.ACK,
+    Goodbye: MsgType.GOODBYE,
+}
 
 
 def body_len(body: Body) -> int:
@@ -116,6 +124,8 @@ def body_len(body: Body) -> int:
         return 16 + ENDPOINT_LEN
     if isinstance(body, Confirm):
         return 16
+    if isinstance(body, Goodbye):
+        return 0
     return ENDPOINT_LEN + 3
 
 
@@ -199,7 +209,7 @@ BAD_DATAGRAMS: dict[str, tuple[bytes, Reject]] = {
     "version-2": (patch(HELLO, 4, b"\x02"), Reject.VERSION),
     "version-2-resigned": (resign(patch(HELLO, 4, b"\x02")), Reject.VERSION),
     "type-0": (patch(HELLO, 5, b"\x00"), Reject.TYPE),
-    "type-5": (patch(HELLO, 5, b"\x05"), Reject.TYPE),
+    "type-6": (patch(HELLO, 5, b"\x06"), Reject.TYPE),
     "type-255-resigned": (resign(patch(CONFIRM, 5, b"\xff")), Reject.TYPE),
     "body-length-plus-1": (patch(HELLO, 6, struct.pack("!H", len(HELLO) - HEADER_LEN - MAC_LEN + 1)), Reject.LENGTH),
     "body-length-minus-1": (patch(ACK, 6, struct.pack("!H", 21)), Reject.LENGTH),
@@ -258,6 +268,7 @@ BAD_DATAGRAMS: dict[str, tuple[bytes, Reject]] = {
     ),
     "confirm-nonce-15": (raw_datagram(MsgType.CONFIRM, NONCE[:15]), Reject.BODY),
     "confirm-nonce-17": (raw_datagram(MsgType.CONFIRM, NONCE + b"\0"), Reject.BODY),
+    "goodbye-with-a-body": (raw_datagram(MsgType.GOODBYE, b"\0"), Reject.BODY),
     "confirm-empty-body": (raw_datagram(MsgType.CONFIRM, b""), Reject.BODY),
     "ack-body-short": (raw_datagram(MsgType.ACK, endpoint_bytes(6, bytes(16)) + b"\x05\xdc"), Reject.BODY),
     "ack-mtu-67": (resign(patch(ACK, HEADER_LEN + ENDPOINT_LEN, struct.pack("!H", 67))), Reject.BODY),
@@ -385,7 +396,7 @@ PEEK: dict[str, tuple[bytes, MsgType | None]] = {
     "magic-only": (MAGIC, None),
     "bad-magic": (patch(HELLO, 0, b"XVTN"), None),
     "type-0": (patch(HELLO, 5, b"\x00"), None),
-    "type-5": (patch(HELLO, 5, b"\x05"), None),
+    "type-6": (patch(HELLO, 5, b"\x06"), None),
     "zeros": (bytes(80), None),
 }
 
@@ -484,7 +495,7 @@ def network_record(draw: st.DrawFn) -> bytes:
 @st.composite
 def plausible_datagrams(draw: st.DrawFn) -> bytes:
     """Magic, version 1, mostly a known type, a body of plausible length, mostly signed: every check is reached."""
-    mtype = draw(mostly(st.integers(1, 4), st.integers(0, 255)))
+    mtype = draw(mostly(st.integers(1, 5), st.integers(0, 255)))
     kind = draw(mostly(st.just("structured"), st.just("random")))
     if kind == "random":
         body = draw(st.binary(max_size=MAX_DATAGRAM))
