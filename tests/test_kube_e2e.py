@@ -563,3 +563,42 @@ def test_a_broken_pod_end_fails_the_way_the_kubelet_reports_it(
     assert "Traceback" not in log, output
     assert "not done after" not in output, "a pod end that cannot run must fail on its state, not at the deadline"
     assert_run_left_nothing(cluster, run_id, output)
+
+
+def test_injection_preconditions_are_asked_of_the_api_server(cluster: TestCluster, tmp_path: Path) -> None:
+    """Before anything is injected, the real API server is asked: its version, the namespace's Pod
+    Security level, and the user's permissions (SelfSubjectAccessReviews). An admin in a namespace
+    without Pod Security labels may inject; a baseline namespace and a user without the
+    permissions each get one line naming the fix; a namespace that does not exist is named."""
+    from pytest_svctunnel.backends.kubernetes import client as kube
+    from pytest_svctunnel.backends.kubernetes.preconditions import PSA_ENFORCE, check_injection
+
+    from .kubelab import certs
+
+    core = client.CoreV1Api(cluster.api)
+    open_ns, baseline_ns = (f"svt-e2e-{uuid.uuid4().hex[:6]}" for _ in range(2))
+    core.create_namespace({"metadata": {"name": open_ns}})
+    core.create_namespace({"metadata": {"name": baseline_ns, "labels": {PSA_ENFORCE: "baseline"}}})
+    unprivileged = tmp_path / "kube-proxy.kubeconfig"  # a real user without those permissions
+    plane = cluster.plane
+    plane.write_kubeconfig(unprivileged, plane.server, plane.pki.kube_proxy, certs.KUBE_PROXY_USER)
+    admin, stranger = kube.connect(str(cluster.kubeconfig), None), kube.connect(str(unprivileged), None)
+    try:
+        check_injection(admin, open_ns, Deadline.after(30))
+        with pytest.raises(KubeError) as baseline:
+            check_injection(admin, baseline_ns, Deadline.after(30))
+        assert f"enforces Pod Security level 'baseline' ({PSA_ENFORCE})" in str(baseline.value), baseline.value
+        assert "may not" not in str(baseline.value), baseline.value
+        with pytest.raises(KubeError) as denied:
+            check_injection(stranger, open_ns, Deadline.after(30))
+        message = str(denied.value)
+        assert "may not get pods, list pods, patch pods, patch pods/ephemeralcontainers" in message, message
+        assert f"in namespace {open_ns}" in message and "Pod Security" not in message, message
+        with pytest.raises(KubeError) as missing:
+            check_injection(admin, "svt-e2e-missing", Deadline.after(30))
+        assert "namespace svt-e2e-missing does not exist" in str(missing.value), missing.value
+    finally:
+        admin.close()
+        stranger.close()
+        for namespace in (open_ns, baseline_ns):
+            core.delete_namespace(namespace)

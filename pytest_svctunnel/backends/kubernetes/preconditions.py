@@ -1,0 +1,138 @@
+"""What the cluster must allow before a network is injected into someone's pod, asked of the API
+server before anything is created: a release with ephemeral containers, a namespace whose Pod
+Security level admits NET_ADMIN, and the permissions of the kubeconfig's user.
+
+Each problem is one line naming the fix; all of them are reported together, so one run shows
+everything that has to change. Pure but for ``check_injection``, which asks the API server
+(``version``, ``namespace``, one SelfSubjectAccessReview per permission).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from kubernetes import client as k8s
+
+from ...errors import KubeError
+from ...waiting import Deadline
+from .client import Cluster
+
+EPHEMERAL_SINCE = (1, 25)  # pods/ephemeralcontainers is stable from this release on
+PSA_ENFORCE = "pod-security.kubernetes.io/enforce"
+PSA_REFUSING = ("baseline", "restricted")  # both forbid adding NET_ADMIN and NET_RAW
+
+
+@dataclass(frozen=True)
+class Permission:
+    """One verb on one resource (``resource/subresource``) of the core API group, in a namespace."""
+
+    verb: str
+    resource: str
+
+    def __str__(self) -> str:
+        return f"{self.verb} {self.resource}"
+
+
+# what injecting into a running pod does in the target's namespace
+INJECTION_NEEDS = (
+    Permission("get", "pods"),
+    Permission("list", "pods"),
+    Permission("patch", "pods"),  # the run's label on the target pod, so that its Service selects it alone
+    Permission("patch", "pods/ephemeralcontainers"),
+    Permission("create", "services"),
+    Permission("delete", "services"),
+)
+
+
+def version_problem(major: str, minor: str) -> str | None:
+    """Why a server of this version cannot take ephemeral containers, or None. ``minor`` may carry
+    a vendor suffix (``"27+"``)."""
+    digits = re.match(r"\d+", minor)
+    if not major.isdigit() or digits is None:
+        return None  # a version the server does not state plainly: let the request itself tell
+    found = (int(major), int(digits.group()))
+    if found >= EPHEMERAL_SINCE:
+        return None
+    need = ".".join(map(str, EPHEMERAL_SINCE))
+    return (
+        f"the cluster runs Kubernetes {found[0]}.{found[1]}, which has no ephemeral containers;"
+        f" injecting a network needs {need} or newer (or use the sidecar way)"
+    )
+
+
+def pod_security_problem(namespace: str, labels: dict[str, str] | None) -> str | None:
+    """Why the namespace's Pod Security level refuses the agent's capabilities, or None."""
+    level = (labels or {}).get(PSA_ENFORCE)
+    if level not in PSA_REFUSING:
+        return None
+    return (
+        f"namespace {namespace} enforces Pod Security level {level!r} ({PSA_ENFORCE}), which refuses the"
+        f" agent's NET_ADMIN and NET_RAW; allow them with"
+        f" 'kubectl label namespace {namespace} {PSA_ENFORCE}=privileged --overwrite', or target a"
+        " namespace that allows them"
+    )
+
+
+def permission_problem(namespace: str, denied: list[Permission]) -> str | None:
+    """The permissions the user lacks, with a Role that grants them, or None."""
+    if not denied:
+        return None
+    rules = "; ".join(f"{p.verb} on {p.resource}" for p in denied)
+    return (
+        f"the kubeconfig's user may not {', '.join(map(str, denied))} in namespace {namespace};"
+        f" grant a Role there with: {rules} (the built-in admin and edit roles do not include"
+        " pods/ephemeralcontainers)"
+    )
+
+
+def check_injection(cluster: Cluster, namespace: str, deadline: Deadline) -> None:
+    """Raise one KubeError listing every reason the cluster refuses injection into ``namespace``."""
+    problems = [
+        version_problem(*_server_version(cluster, deadline)),
+        pod_security_problem(namespace, _namespace_labels(cluster, namespace, deadline)),
+        permission_problem(namespace, [p for p in INJECTION_NEEDS if not _allowed(cluster, namespace, p, deadline)]),
+    ]
+    found = [p for p in problems if p is not None]
+    if found:
+        raise KubeError("cannot inject a network: " + "; and ".join(found))
+
+
+def _server_version(cluster: Cluster, deadline: Deadline) -> tuple[str, str]:
+    info = cluster.call("reading the server's version", k8s.VersionApi(cluster.api).get_code, deadline=deadline)
+    return str(info.major), str(info.minor)
+
+
+def _namespace_labels(cluster: Cluster, namespace: str, deadline: Deadline) -> dict[str, str] | None:
+    """The namespace's labels; None when the user may not read namespaces (the admission of the
+    injection itself then tells)."""
+    try:
+        found: Any = cluster.call(
+            f"reading namespace {namespace}", cluster.core.read_namespace, namespace, deadline=deadline, missing_ok=True
+        )
+    except KubeError as exc:
+        if exc.status == 403:
+            return None
+        raise
+    if found is None:
+        raise KubeError(f"namespace {namespace} does not exist; check the target's namespace")
+    return dict(found.metadata.labels or {})
+
+
+def _allowed(cluster: Cluster, namespace: str, permission: Permission, deadline: Deadline) -> bool:
+    resource, _, subresource = permission.resource.partition("/")
+    review = k8s.V1SelfSubjectAccessReview(
+        spec=k8s.V1SelfSubjectAccessReviewSpec(
+            resource_attributes=k8s.V1ResourceAttributes(
+                namespace=namespace, verb=permission.verb, resource=resource, subresource=subresource or None
+            )
+        )
+    )
+    answer: Any = cluster.call(
+        f"asking whether the user may {permission} in {namespace}",
+        k8s.AuthorizationV1Api(cluster.api).create_self_subject_access_review,
+        review,
+        deadline=deadline,
+    )
+    return bool(answer.status.allowed)
