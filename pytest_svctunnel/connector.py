@@ -239,10 +239,8 @@ class ExternalEnd:
         for net in nets:
             addresses = tuple(a for a in (net.local_ipv4, net.local_ipv6) if a is not None)
             underlay = s.underlay_dev or route.dev
-            device.ensure_vxlan(
-                None, device.VxlanSpec(net.dev, net.vni, local.port, route.source, underlay, mtu, addresses)
-            )
-            device.set_peer(None, net.dev, s.service)
+            spec = device.VxlanSpec(net.dev, net.vni, local.port, route.source, underlay, mtu, addresses, s.service)
+            device.ensure_vxlan(None, spec)
         stopwatch.lap("devices")
         wait_carries_traffic(nets, deadline, self._stop)
         stopwatch.lap("first ping")

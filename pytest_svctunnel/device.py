@@ -64,6 +64,10 @@ class VxlanSpec:
     underlay: str | None
     mtu: int
     addresses: tuple[IPInterface, ...]
+    # pointed at before the device comes up: traffic already waiting for the device (a test's
+    # ping during a rebuild) must not send its first ARP request into a device with nowhere to
+    # send it, where the neighbour entry would then wait a second-long retransmit
+    peer: Endpoint | None = None
 
 
 @dataclass(frozen=True)
@@ -157,6 +161,8 @@ def ensure_vxlan(netns: str | None, spec: VxlanSpec) -> None:
         _kernel(lambda: ipr.link("set", index=index, mtu=spec.mtu), f"setting MTU {spec.mtu} on {spec.name}")
         for address in spec.addresses:
             _ensure_address(ipr, index, address)
+        if spec.peer is not None:
+            _point(ipr, index, spec.name, spec.peer)
         _kernel(lambda: ipr.link("set", index=index, state="up"), f"bringing {spec.name} up")
         _wait_local(ipr, spec.name, spec.addresses)
 
@@ -287,14 +293,18 @@ def set_peer(netns: str | None, name: str, peer: Endpoint | None) -> None:
         index = _index(ipr, name)
         if index is None:
             raise KernelError(f"device {name} vanished from {netns or 'this namespace'}")
-        for entry in ipr.fdb("dump", ifindex=index):
-            if entry.get_attr("NDA_LLADDR") == ZERO_MAC:
-                _fdb_delete(ipr, index, entry.get_attr("NDA_DST"), entry.get_attr("NDA_PORT"))
-        if peer is not None:
-            _kernel(
-                lambda: ipr.fdb("append", ifindex=index, lladdr=ZERO_MAC, dst=str(peer.address), port=peer.port),
-                f"pointing {name} at {peer}",
-            )
+        _point(ipr, index, name, peer)
+
+
+def _point(ipr: Any, index: int, name: str, peer: Endpoint | None) -> None:
+    for entry in ipr.fdb("dump", ifindex=index):
+        if entry.get_attr("NDA_LLADDR") == ZERO_MAC:
+            _fdb_delete(ipr, index, entry.get_attr("NDA_DST"), entry.get_attr("NDA_PORT"))
+    if peer is not None:
+        _kernel(
+            lambda: ipr.fdb("append", ifindex=index, lladdr=ZERO_MAC, dst=str(peer.address), port=peer.port),
+            f"pointing {name} at {peer}",
+        )
 
 
 def _fdb_delete(ipr: Any, index: int, dst: str, port: int | None) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 from collections.abc import Iterator
 
@@ -88,3 +89,15 @@ def test_links_that_are_not_vxlan_are_never_replaced_or_removed(ns: str) -> None
     device.delete_vxlan(ns, "up1")
     assert device.link_exists(ns, "up1")
     device.check_name_free(ns, "nothing0")  # a free name is fine
+
+
+def test_a_device_comes_up_pointed_at_its_peer(ns: str) -> None:
+    """With a peer in its spec, a device (also one rebuilt with other settings) is up with its
+    forwarding entry already there: nothing sent through it meanwhile (a first ARP request) is lost,
+    which cost a rebuilt tunnel a second-long ARP retransmit."""
+    peer = Endpoint(ipaddress.ip_address("192.0.2.7"), 40001)
+    for settings in (spec(), spec(port=5600)):
+        device.ensure_vxlan(ns, dataclasses.replace(settings, peer=peer))
+        state = device.link_state(ns, "vx0")
+        assert state is not None and state.fdb == ("00:00:00:00:00:00->192.0.2.7:40001",), state
+        assert "UP" in netns.run(ns, ["ip", "link", "show", "vx0"])
