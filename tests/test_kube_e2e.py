@@ -50,7 +50,8 @@ INNER_TIMEOUT_S = 240.0
 _HEADER = re.compile(r"^svctunnel: run (?P<run>[0-9a-f]{6});", re.MULTILINE)
 _READY = re.compile(r"^svctunnel: tunnel ready in .*$", re.MULTILINE)
 
-RESTART_SUITE = """
+# what the inner suites that watch their agent pod share: its client, and one ping over a tunnel device
+POD_SUITE_HEAD = """
 import os
 import subprocess
 import time
@@ -64,7 +65,11 @@ def ping(address, dev):
     done = subprocess.run(["ping", "-c", "1", "-W", "1", "-I", dev, str(address)], capture_output=True)
     return done.returncode == 0
 
+"""
 
+RESTART_SUITE = (
+    POD_SUITE_HEAD
+    + """
 def test_agent_pod_restart_heals_the_tunnel(svctunnel):
     core = client.CoreV1Api(config.new_client_from_config(config_file=os.environ["SVCTUNNEL_KUBECONFIG"]))
     selector = names.label_selector(svctunnel.run_id)
@@ -83,6 +88,7 @@ def test_agent_pod_restart_heals_the_tunnel(svctunnel):
         time.sleep(0.2)
     raise AssertionError("the tunnel did not heal within 120 s of the pod's deletion")
 """
+)
 
 
 NODE_SUITE = """
@@ -435,21 +441,9 @@ def test_the_nodes_are_real_kubelets_on_containerd(cluster: TestCluster) -> None
     print(", ".join(f"{phase} {seconds:.1f} s" for phase, seconds in cluster.timings.items()))
 
 
-MOVE_SUITE = """
-import os
-import subprocess
-import time
-
-from kubernetes import client, config
-
-from pytest_svctunnel import names
-
-
-def ping(address, dev):
-    done = subprocess.run(["ping", "-c", "1", "-W", "1", "-I", dev, str(address)], capture_output=True)
-    return done.returncode == 0
-
-
+MOVE_SUITE = (
+    POD_SUITE_HEAD
+    + """
 def test_the_tunnel_follows_its_pod_to_the_other_node(svctunnel):
     core = client.CoreV1Api(config.new_client_from_config(config_file=os.environ["SVCTUNNEL_KUBECONFIG"]))
     selector = names.label_selector(svctunnel.run_id)
@@ -472,6 +466,7 @@ def test_the_tunnel_follows_its_pod_to_the_other_node(svctunnel):
         time.sleep(0.2)
     raise AssertionError("the tunnel did not follow its pod within 120 s of the pod's deletion")
 """
+)
 
 
 def test_the_tunnel_follows_its_pod_to_the_other_node(pytester: pytest.Pytester, cluster: TestCluster) -> None:

@@ -176,10 +176,32 @@ class ControlPlane:
         )
 
     def _start_controller_manager(self, pki: Pki, port: int, deadline: Deadline) -> None:
-        kubeconfig = self.work_dir / "kube-controller-manager.kubeconfig"
-        _write_kubeconfig(kubeconfig, self.server, pki.ca.cert, pki.controller_manager, certs.CONTROLLER_MANAGER_USER)
+        extra = [
+            f"--cert-dir={self.work_dir / 'kube-controller-manager-certs'}",
+            f"--controllers={','.join(CONTROLLERS)}",
+            # Each controller acts as its own service account: the role of system:kube-controller-manager alone
+            # may not create ReplicaSets or Pods.
+            "--use-service-account-credentials=true",
+            f"--service-account-private-key-file={pki.service_account_key}",
+            f"--root-ca-file={pki.ca.cert}",
+        ]
+        identity = pki.controller_manager
+        self._start_secure("kube-controller-manager", identity, certs.CONTROLLER_MANAGER_USER, port, extra, deadline)
+
+    def _start_scheduler(self, pki: Pki, port: int, deadline: Deadline) -> None:
+        extra = ["--v=2"]  # one line per binding: where each pod went and why not elsewhere
+        self._start_secure("kube-scheduler", pki.scheduler, certs.SCHEDULER_USER, port, extra, deadline)
+
+    def _start_secure(
+        self, name: str, identity: CertKey, user: str, port: int, extra: Sequence[str], deadline: Deadline
+    ) -> None:
+        """A component that talks to the API server as ``user`` and serves its health check on 127.0.0.1:``port``
+        with the same certificate; returns once /healthz answers 200."""
+        pki = self.pki
+        kubeconfig = self.work_dir / f"{name}.kubeconfig"
+        _write_kubeconfig(kubeconfig, self.server, pki.ca.cert, identity, user)
         argv = [
-            str(self.bin_dir / "kube-controller-manager"),
+            str(self.bin_dir / name),
             f"--kubeconfig={kubeconfig}",
             f"--authentication-kubeconfig={kubeconfig}",
             f"--authorization-kubeconfig={kubeconfig}",
@@ -189,52 +211,16 @@ class ControlPlane:
             "--authentication-skip-lookup=true",
             "--bind-address=127.0.0.1",
             f"--secure-port={port}",
-            f"--tls-cert-file={pki.controller_manager.cert}",
-            f"--tls-private-key-file={pki.controller_manager.key}",
-            f"--cert-dir={self.work_dir / 'kube-controller-manager-certs'}",
-            "--leader-elect=false",
-            f"--controllers={','.join(CONTROLLERS)}",
-            # Each controller acts as its own service account: the role of system:kube-controller-manager alone
-            # may not create ReplicaSets or Pods.
-            "--use-service-account-credentials=true",
-            f"--service-account-private-key-file={pki.service_account_key}",
-            f"--root-ca-file={pki.ca.cert}",
-            "--profiling=false",
-        ]
-        self.procs.spawn("kube-controller-manager", argv)
-        context = _client_context(pki.ca.cert, pki.admin)
-        self.procs.await_ready(
-            "kube-controller-manager",
-            lambda: _https_ok(port, "/healthz", context),
-            deadline,
-            "kube-controller-manager never reported itself healthy",
-        )
-
-    def _start_scheduler(self, pki: Pki, port: int, deadline: Deadline) -> None:
-        kubeconfig = self.work_dir / "kube-scheduler.kubeconfig"
-        _write_kubeconfig(kubeconfig, self.server, pki.ca.cert, pki.scheduler, certs.SCHEDULER_USER)
-        argv = [
-            str(self.bin_dir / "kube-scheduler"),
-            f"--kubeconfig={kubeconfig}",
-            f"--authentication-kubeconfig={kubeconfig}",
-            f"--authorization-kubeconfig={kubeconfig}",
-            f"--client-ca-file={pki.ca.cert}",
-            "--authentication-skip-lookup=true",
-            "--bind-address=127.0.0.1",
-            f"--secure-port={port}",
-            f"--tls-cert-file={pki.scheduler.cert}",
-            f"--tls-private-key-file={pki.scheduler.key}",
+            f"--tls-cert-file={identity.cert}",
+            f"--tls-private-key-file={identity.key}",
             "--leader-elect=false",
             "--profiling=false",
-            "--v=2",  # one line per binding: where each pod went and why not elsewhere
+            *extra,
         ]
-        self.procs.spawn("kube-scheduler", argv)
+        self.procs.spawn(name, argv)
         context = _client_context(pki.ca.cert, pki.admin)
         self.procs.await_ready(
-            "kube-scheduler",
-            lambda: _https_ok(port, "/healthz", context),
-            deadline,
-            "kube-scheduler never reported itself healthy",
+            name, lambda: _https_ok(port, "/healthz", context), deadline, f"{name} never reported itself healthy"
         )
 
     @property
