@@ -101,6 +101,7 @@ class Agent:
     def serve(self, stop: Callable[[], bool]) -> None:
         """Filter the port, listen for hellos, and remove everything built on the way out."""
         self.check_devices()
+        self.check_filter_free()
         nft.apply(nft.pod_filter(self.settings.port, None, self.settings.host_network))
         try:
             with HelloTap(self.settings.port, self.settings.underlay_dev) as tap:
@@ -126,6 +127,16 @@ class Agent:
             raise KernelError(
                 f"no Linux bridge {bridge!r} in the agent's network namespace: create it"
                 f" (ip link add {bridge} type bridge), or fix --bridge (SVCTUNNEL_BRIDGE)"
+            )
+
+    def check_filter_free(self) -> None:
+        """In an application's namespace, a port filter that is there already belongs to another
+        agent (or to the application): refuse rather than take it over."""
+        table = nft.filter_table(self.settings.port)
+        if self.settings.shared_netns and nft.table_exists("inet", table):
+            raise KernelError(
+                f"the pod already has an nft table inet {table}: another svctunnel agent serves port"
+                f" {self.settings.port} here; end it ('svctunnel goodbye') or use another port"
             )
 
     def _pin_text(self) -> str:
@@ -304,7 +315,7 @@ class Agent:
         mtu = min(pending.hello.mtu, device.tunnel_mtu(route.mtu, peer.address.version))
         wanted = {n.dev: n for n in pending.hello.networks}
         for net in wanted.values():
-            device.check_name_free(None, net.dev)
+            self._check_name_free(net.dev)
         for gone in set(self.status.networks) - set(wanted):
             self._remove_network(self.status.networks.pop(gone))
         bridge = self.settings.bridge
@@ -326,6 +337,15 @@ class Agent:
         self._set_state(
             "up", f"{'peer moved to' if moved else 'tunnel up with'} {peer}, {len(wanted)} network(s), mtu {mtu}"
         )
+
+    def _check_name_free(self, dev: str) -> None:
+        """In an application's namespace only the agent's own devices may be reused."""
+        if self.settings.shared_netns and dev not in self.status.networks and device.link_exists(None, dev):
+            raise KernelError(
+                f"the pod has a link named {dev} that is not the agent's (the application's own):"
+                " ask for another pod device name (pod_dev=)"
+            )
+        device.check_name_free(None, dev)
 
     def _send(self, request: Message, body: Challenge | Ack | Goodbye, datagram: UdpDatagram) -> None:
         reply = Message(request.session, request.counter, self._now_ms(), body)

@@ -46,6 +46,9 @@ class AgentSettings:
     # remove everything and exit after this many seconds without a word from a peer (None: never);
     # an agent injected into someone else's pod must not outlive a test session that was killed
     idle_exit: float | None = None
+    # the namespace belongs to an application (an injected agent): the agent never takes over a
+    # link or a port filter it did not create
+    shared_netns: bool = False
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,12 @@ SETTINGS: tuple[_Setting, ...] = (
     _Setting("local_address", parse_address, "the pod's address, for hellos seen before the node's DNAT"),
     _Setting("host_network", parse_bool, "the agent runs in the node's own network namespace", boolean=True),
     _Setting("idle_exit", parse_seconds, "remove everything and exit after this long without a word from a peer"),
+    _Setting(
+        "shared_netns",
+        parse_bool,
+        "the network namespace is an application's: never take over a link or port filter found there",
+        boolean=True,
+    ),
 )
 _DEFAULTS = {f.name: f.default for f in fields(AgentSettings) if f.name != "key"}
 

@@ -14,6 +14,7 @@ from typing import Any
 from .backends.kubernetes.options import DEFAULT_IMAGE, SERVICE_TYPES
 from .errors import ConfigError
 from .protocol import DEFAULT_PORT
+from .targets import Target, target_option
 from .values import (
     IPAddress,
     choice,
@@ -29,6 +30,7 @@ from .values import (
 
 BACKENDS = ("kubernetes", "lab")
 KEEP = ("never", "on-failure", "always")
+MAX_IDLE_EXIT_S = 3600.0
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 _DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")
 
@@ -43,6 +45,15 @@ def _matching(pattern: re.Pattern[str], what: str) -> Callable[[str], str]:
 
 
 parse_namespace = _matching(_DNS_LABEL, "a Kubernetes namespace name (lower-case letters, digits and '-', at most 63)")
+
+
+def parse_idle_exit(text: str) -> float:
+    seconds = parse_seconds(text)
+    if not 10 <= seconds <= MAX_IDLE_EXIT_S:
+        raise ValueError(f"give 10 to {MAX_IDLE_EXIT_S:g} seconds")
+    return seconds
+
+
 parse_node = _matching(_DNS_SUBDOMAIN, "a Kubernetes node name (lower-case letters, digits, '-' and '.')")
 
 
@@ -91,6 +102,20 @@ OPTIONS: tuple[Option, ...] = (
     Option("service_type", choice(SERVICE_TYPES), "LoadBalancer", "the UDP Service's type: LoadBalancer or NodePort"),
     Option("node", parse_node, None, "run the pod end with hostNetwork on this node: the networks land on the node"),
     Option("bridge", parse_ifname, None, "with --svctunnel-node: each network's device joins this bridge on the node"),
+    Option(
+        "target",
+        target_option,
+        None,
+        "inject the networks into these pods of your workload, NAMESPACE/SELECTOR or NAMESPACE/NAME"
+        " (default: the plugin's own pod end)",
+    ),
+    Option("pod_dev", parse_ifname, None, "the default network's device name in the pod (default: as this end's)"),
+    Option(
+        "idle_exit",
+        parse_idle_exit,
+        "600",
+        "an injected agent that hears nothing from its peer this many seconds removes its devices and exits",
+    ),
 )
 OPTION_BY_KEY = {o.key: o for o in OPTIONS}
 
@@ -116,6 +141,9 @@ class TunnelConfig:
     service_type: str
     node: str | None
     bridge: str | None
+    target: Target | None
+    pod_dev: str | None
+    idle_exit: float
     sources: Mapping[str, str]
 
     def describe(self) -> list[str]:
@@ -145,6 +173,15 @@ def resolve(
             f"{_where(OPTION_BY_KEY['node'], sources['node'])} with service type NodePort is not supported (in node"
             " mode the agent sees hellos before the node port is translated); use --svctunnel-service-type"
             " LoadBalancer, or leave out --svctunnel-node"
+        )
+    if values["target"] is not None and values["backend"] == "lab":
+        raise ConfigError(
+            f"{_where(OPTION_BY_KEY['target'], sources['target'])} needs the kubernetes backend: the lab has no"
+            " pods of yours; leave out --svctunnel-backend lab"
+        )
+    if values["target"] is not None and values["node"] is not None:
+        raise ConfigError(
+            "--svctunnel-target and --svctunnel-node exclude each other: networks go into pods or onto a node"
         )
     return TunnelConfig(sources=sources, **values)
 

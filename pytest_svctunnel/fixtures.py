@@ -2,17 +2,34 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from .errors import SvcTunnelError
-from .networks import Network
-from .stash import STASH
+from .errors import ConfigError, SvcTunnelError
+from .networks import ATTACH, Network, NetworkRequest, parse_request
+from .stash import STASH, PluginStash
+from .targets import Target, parse_target
 
 if TYPE_CHECKING:
-    from .session import Tunnel
+    from .attachments import Attachment
+    from .session import Tunnel, TunnelSession
+
+AttachNetworks = str | Sequence[str] | Mapping[str, Mapping[str, Any]]
+
+
+def _tunnel_session(request: pytest.FixtureRequest) -> tuple[PluginStash, TunnelSession]:
+    """The session's one ``TunnelSession`` (the tunnel and every attachment share its run)."""
+    state = request.config.stash[STASH]
+    if state.error is not None:
+        raise pytest.UsageError(str(state.error))
+    assert state.config is not None
+    if state.session is None:
+        from .session import TunnelSession  # netlink and the backends load only when a tunnel is wanted
+
+        state.session = TunnelSession(state.config, state.networks, state.run_id)
+    return state, state.session
 
 
 @pytest.fixture(scope="session")
@@ -23,14 +40,7 @@ def svctunnel(request: pytest.FixtureRequest) -> Iterator[Tunnel]:
     ``remote_ipv6``; ``networks`` (name -> Network, with "default" and every
     ``svctunnel_network`` mark of the session); ``service_address``; and ``peer``,
     the address and port the pod end learned. Teardown removes everything it made."""
-    state = request.config.stash[STASH]
-    if state.error is not None:
-        raise pytest.UsageError(str(state.error))
-    assert state.config is not None
-    from .session import TunnelSession  # netlink and the backends load only when a tunnel is wanted
-
-    session = TunnelSession(state.config, state.networks, state.run_id)
-    state.session = session
+    state, session = _tunnel_session(request)
     failure: SvcTunnelError | None = None
     try:
         tunnel = session.start()
@@ -62,3 +72,54 @@ def svctunnel_network(request: pytest.FixtureRequest, svctunnel: Tunnel) -> Netw
         )
     name = mark.args[0] if mark.args else mark.kwargs.get("name")
     return svctunnel.networks[str(name)]
+
+
+@pytest.fixture(scope="session")
+def svctunnel_attach(request: pytest.FixtureRequest) -> Callable[..., Attachment]:
+    """Session scope. A factory for networks into pods your own fixtures create during the session:
+    ``svctunnel_attach(target, networks=("net1",))`` injects the agent into every pod of ``target``
+    (``NAMESPACE/SELECTOR`` or ``NAMESPACE/NAME``, the pods must be Running) and returns an
+    ``Attachment``: ``.networks`` by name, ``.networks.pods(name)`` by pod, ``.tunnels`` by pod.
+    ``networks`` lists network names (each is also its device name in the pod), or maps each name to
+    the marker's settings (``ipv4``, ``ipv6``, ``vni``, ``pod_dev``). Use it as a context manager,
+    or let the session's end remove it."""
+    state, session = _tunnel_session(request)
+
+    def attach(target: str | Target, networks: AttachNetworks = ("net1",)) -> Attachment:
+        failure: SvcTunnelError | None = None
+        try:
+            parsed, requests = _attach_request(target, networks)
+            attachment = session.attach(parsed, requests)
+        except SvcTunnelError as exc:
+            failure = exc
+        if failure is not None:
+            pytest.fail(f"svctunnel_attach: {failure}", pytrace=False)
+        state.attach_notes.append(f"attached to {parsed} in {attachment.stopwatch.render()}")
+        return attachment
+
+    return attach
+
+
+def _attach_request(target: str | Target, networks: AttachNetworks) -> tuple[Target, list[NetworkRequest]]:
+    where = ATTACH
+    try:
+        parsed = target if isinstance(target, Target) else parse_target(str(target))
+    except ValueError as exc:
+        raise ConfigError(f"{where}: target {exc}") from None
+    if isinstance(networks, str):
+        networks = (networks,)
+    items = list(networks.items()) if isinstance(networks, Mapping) else [(name, {}) for name in networks]
+    if not items:
+        raise ConfigError(f"{where}: give at least one network name, e.g. networks=('net1',)")
+    requests = []
+    for name, given in items:
+        unknown = set(given) - {"ipv4", "ipv6", "vni", "pod_dev"}
+        if unknown:
+            raise ConfigError(
+                f"{where}: network {name!r} has unknown settings {', '.join(sorted(unknown))}; use"
+                " ipv4, ipv6, vni, pod_dev"
+            )
+        g = given.get
+        pod_dev = g("pod_dev") or name  # a network's name is its device name in the pod, unless pod_dev says other
+        requests.append(parse_request(name, g("ipv4"), g("ipv6"), g("vni"), where, parsed, pod_dev))
+    return parsed, requests

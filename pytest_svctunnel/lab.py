@@ -240,10 +240,12 @@ class Lab:
 
     # -- the pod end -------------------------------------------------------------
 
-    def start_agent(self, key: bytes, peer: IPAddress | None = None, timeout: float = 30.0) -> LabAgent:
+    def start_agent(
+        self, key: bytes, peer: IPAddress | None = None, timeout: float = 30.0, shared_netns: bool = False
+    ) -> LabAgent:
         """Start ``svctunnel agent`` in the pod namespace with ``key`` (written to ``agent.key_file``)
-        on the lab's port; returns once it listens."""
-        self.agent.start(AgentSettings(key=key, port=self.plan.port, peer=peer), timeout)
+        on the lab's port; returns once it listens. ``shared_netns``: as if injected into an application's pod."""
+        self.agent.start(AgentSettings(key=key, port=self.plan.port, peer=peer, shared_netns=shared_netns), timeout)
         return self.agent
 
     def stop_agent(self, timeout: float = 10.0) -> None:

@@ -7,14 +7,17 @@ or a ConfigError that names the conflict and how to fix it.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from .errors import ConfigError
 from .protocol import PodNetwork
+from .targets import Target, parse_target
+from .values import parse_ifname
 
 DEFAULT_NAME = "default"
+ATTACH = "svctunnel_attach"  # the ``where`` of requests made through that fixture
 DEFAULT_VNI = 333
 DEFAULT_IPV4 = ipaddress.IPv4Network("10.30.30.0/30")
 DEFAULT_IPV6 = ipaddress.IPv6Network("fd00:3030::/126")
@@ -33,7 +36,10 @@ class Network:
     """One tunnel network as built: both ends' addresses, its VNI, device and MTU.
 
     ``local_*`` are this (external) end's addresses, ``remote_*`` the pod end's.
-    ``mtu`` is 0 until the tunnel is built.
+    ``mtu`` is 0 until the tunnel is built. ``pod_dev`` names the device in the pod (None: the
+    same name as ``dev``). ``target`` is where the network goes (None: the plugin's own pod end;
+    else ``NAMESPACE/SELECTOR`` or ``NAMESPACE/NAME`` of the user's pods) and ``pod`` the pod it
+    went into, once it is built.
     """
 
     name: str
@@ -44,13 +50,51 @@ class Network:
     local_ipv6: ipaddress.IPv6Interface | None
     remote_ipv6: ipaddress.IPv6Interface | None
     mtu: int = 0
+    pod_dev: str | None = None
+    target: Target | None = None
+    pod: str | None = None
 
     def pod_network(self) -> PodNetwork:
-        """What the pod end is asked to build: the same VNI and device name, its addresses."""
-        return PodNetwork(self.vni, self.dev, self.remote_ipv4, self.remote_ipv6)
+        """What the pod end is asked to build: the same VNI, its device name, its addresses."""
+        return PodNetwork(self.vni, self.pod_dev or self.dev, self.remote_ipv4, self.remote_ipv6)
 
     def with_mtu(self, mtu: int) -> Network:
         return replace(self, mtu=mtu)
+
+
+class NetworkMap(Mapping[str, Network]):
+    """Networks by name. A network that went into several pods of a target has one ``Network``
+    per pod: ``pods(name)`` maps pod name to it, and ``networks[name]`` says to use that."""
+
+    def __init__(self, networks: Sequence[Network]) -> None:
+        self.all = tuple(networks)
+        self._by_name: dict[str, list[Network]] = {}
+        for net in self.all:
+            self._by_name.setdefault(net.name, []).append(net)
+
+    def __getitem__(self, name: str) -> Network:
+        found = self._by_name.get(name)
+        if found is None:
+            raise KeyError(f"no svctunnel network {name!r}; the session has {', '.join(self._by_name) or 'none'}")
+        if len(found) > 1:
+            pods = ", ".join(str(n.pod) for n in found)
+            raise KeyError(f"network {name!r} went into {len(found)} pods ({pods}); use .pods({name!r})[POD]")
+        return found[0]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._by_name
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._by_name)
+
+    def __len__(self) -> int:
+        return len(self._by_name)
+
+    def pods(self, name: str) -> dict[str, Network]:
+        """Pod name -> the network ``name`` in that pod (its own device, addresses and VNI)."""
+        if name not in self._by_name:
+            self[name]  # the KeyError that names what there is
+        return {str(n.pod): n for n in self._by_name[name] if n.pod is not None}
 
 
 @dataclass(frozen=True)
@@ -62,13 +106,23 @@ class NetworkRequest:
     ipv6: Net6 = None
     vni: int | None = None
     where: str = field(default="", compare=False)
+    target: Target | None = None
+    pod_dev: str | None = None
 
 
-def parse_request(name: object, ipv4: object, ipv6: object, vni: object, where: str) -> NetworkRequest:
+def parse_request(
+    name: object,
+    ipv4: object,
+    ipv6: object,
+    vni: object,
+    where: str,
+    target: object = None,
+    pod_dev: object = None,
+) -> NetworkRequest:
     """Check one marker's arguments; errors name the test that carries the mark."""
 
     def fail(text: str) -> ConfigError:
-        return ConfigError(f"svctunnel_network mark on {where}: {text}")
+        return ConfigError(f"{where}: {text}" if where == ATTACH else f"svctunnel_network mark on {where}: {text}")
 
     if not isinstance(name, str) or not name or not name.replace("-", "").replace("_", "").isalnum():
         raise fail(f"name {name!r} must be a non-empty word (letters, digits, '-', '_')")
@@ -81,7 +135,25 @@ def parse_request(name: object, ipv4: object, ipv6: object, vni: object, where: 
     assert not isinstance(net4, ipaddress.IPv6Network) and not isinstance(net6, ipaddress.IPv4Network)
     if net4 is False and net6 is False:
         raise fail("a network needs IPv4 or IPv6; do not disable both")
-    return NetworkRequest(name, net4, net6, vni, where)
+    return NetworkRequest(name, net4, net6, vni, where, _parse_target(target, fail), _parse_pod_dev(pod_dev, fail))
+
+
+def _parse_target(value: object, fail: Callable[[str], ConfigError]) -> Target | None:
+    if value is None or isinstance(value, Target):
+        return value
+    try:
+        return parse_target(str(value))
+    except ValueError as exc:
+        raise fail(f"target={value!r}: {exc}") from None
+
+
+def _parse_pod_dev(value: object, fail: Callable[[str], ConfigError]) -> str | None:
+    if value is None:
+        return None
+    try:
+        return parse_ifname(str(value))
+    except ValueError as exc:
+        raise fail(f"pod_dev={value!r} is not a device name ({exc})") from None
 
 
 def _parse_net(value: object, version: int, fail: Callable[[str], ConfigError]) -> AnyNetwork | Disabled | None:
@@ -165,11 +237,20 @@ class _Allocator:
         return vni
 
 
-def plan_networks(default_vni: int, requests: Sequence[NetworkRequest], dev_name: Sequence[str]) -> tuple[Network, ...]:
+def plan_networks(
+    default_vni: int,
+    requests: Sequence[NetworkRequest],
+    dev_name: Sequence[str],
+    default_target: Target | None = None,
+    default_pod_dev: str | None = None,
+) -> tuple[Network, ...]:
     """The default network plus one per distinct request, with conflict checks.
 
     ``dev_name[i]`` names the device of the i-th network (0 is the default).
     Extra networks are ordered by name, so the defaults they get are deterministic.
+    ``default_target`` is where the default network and every request without a target of its
+    own go (None: the plugin's own pod end); ``default_pod_dev`` the default network's pod device.
+    A target's networks are planned for one pod; ``spread_over_pods`` gives the other pods theirs.
     """
     merged = merge_requests(requests)
     if len(merged) + 1 > len(dev_name):
@@ -180,13 +261,111 @@ def plan_networks(default_vni: int, requests: Sequence[NetworkRequest], dev_name
     _check_overlaps(explicit)
     _check_vnis(default_vni, merged)
     alloc = _Allocator([n for _, n in explicit], {default_vni} | {r.vni for r in merged if r.vni})
-    nets = [make_network(DEFAULT_NAME, default_vni, dev_name[0], DEFAULT_IPV4, DEFAULT_IPV6)]
+    default = make_network(DEFAULT_NAME, default_vni, dev_name[0], DEFAULT_IPV4, DEFAULT_IPV6)
+    nets = [replace(default, target=default_target, pod_dev=default_pod_dev)]
     for index, req in enumerate(merged, start=1):
         net4 = req.ipv4 if req.ipv4 is not None else alloc.subnet(_POOL_IPV4, 30)
         net6 = req.ipv6 if req.ipv6 is not None else alloc.subnet(_POOL_IPV6, 126)
         vni = req.vni if req.vni is not None else alloc.vni(default_vni + index)
-        nets.append(make_network(req.name, vni, dev_name[index], net4 or None, net6 or None))
+        net = make_network(req.name, vni, dev_name[index], net4 or None, net6 or None)
+        nets.append(replace(net, target=req.target or default_target, pod_dev=req.pod_dev))
+    _check_pod_devs(nets)
     return tuple(nets)
+
+
+def check_targets_need_a_cluster(nets: Sequence[Network], backend: str) -> None:
+    """A network into the user's pods needs the kubernetes backend."""
+    targeted = [n for n in nets if n.target is not None]
+    if targeted and backend != "kubernetes":
+        net = targeted[0]
+        raise ConfigError(
+            f"svctunnel network {net.name!r} goes into the pods of target {net.target}, which needs the"
+            f" kubernetes backend (this session uses {backend}); leave out --svctunnel-backend {backend}"
+            " or the network's target="
+        )
+
+
+def _check_pod_devs(nets: Sequence[Network]) -> None:
+    """Two networks into the same pods need two device names there."""
+    owner: dict[tuple[str, str], str] = {}
+    for net in nets:
+        key = (str(net.target), net.pod_dev or net.dev)
+        if key in owner:
+            where = f"target {net.target}" if net.target else "the pod end"
+            raise ConfigError(
+                f"svctunnel networks {owner[key]!r} and {net.name!r} both want device {key[1]} in {where};"
+                " give one of them another pod_dev="
+            )
+        owner[key] = net.name
+
+
+def spread_over_pods(
+    nets: Sequence[Network],
+    pods: Mapping[Target, Sequence[str]],
+    next_dev: Callable[[], str],
+    taken: Sequence[Network] = (),
+) -> tuple[Network, ...]:
+    """Every network as built: one per pod of its target (``pods`` lists them, sorted), the first
+    pod's as planned, every other pod's with its own local device (``next_dev()``), its own VNI and
+    its own address blocks (none of ``taken``'s). A network whose addresses were given explicitly
+    fits one pod only: a ConfigError says so when its target has more."""
+    everything = [*taken, *nets]
+    alloc = _Allocator(
+        [a.network for n in everything for a in (n.local_ipv4, n.local_ipv6) if a is not None],
+        {n.vni for n in everything},
+    )
+    built: list[Network] = []
+    for net in nets:
+        if net.target is None:
+            built.append(net)
+            continue
+        names = list(pods[net.target])
+        built.append(replace(net, pod=names[0]))
+        for pod in names[1:]:
+            if not _default_addresses(net):
+                raise ConfigError(
+                    f"svctunnel network {net.name!r} has addresses of its own, but target {net.target} matches"
+                    f" {len(names)} pods ({', '.join(names)}): leave ipv4=/ipv6= out (each pod gets its own"
+                    " block) or target one pod"
+                )
+            net4 = alloc.subnet(_POOL_IPV4, 30) if net.local_ipv4 else None
+            net6 = alloc.subnet(_POOL_IPV6, 126) if net.local_ipv6 else None
+            other = make_network(net.name, alloc.vni(net.vni + 1), next_dev(), net4, net6)
+            built.append(replace(other, pod_dev=net.pod_dev, target=net.target, pod=pod))
+    return tuple(built)
+
+
+def plan_attached(
+    requests: Sequence[NetworkRequest],
+    target: Target,
+    taken: Sequence[Network],
+    next_dev: Callable[[], str],
+    base_vni: int,
+) -> tuple[Network, ...]:
+    """The networks of one ``svctunnel_attach`` call into ``target``, planned for one pod: each
+    request's own addresses and VNI where it gives them, else free ones (none of ``taken``'s); the
+    device in the pod is ``pod_dev``, else the network's name."""
+    merged = merge_requests(requests)
+    explicit = [(r.name, n) for r in merged for n in (r.ipv4, r.ipv6) if n]
+    used = [(n.name, a.network) for n in taken for a in (n.local_ipv4, n.local_ipv6) if a is not None]
+    _check_overlaps([*used, *explicit])
+    alloc = _Allocator([n for _, n in [*used, *explicit]], {n.vni for n in taken} | {r.vni for r in merged if r.vni})
+    nets = []
+    for req in merged:
+        net4 = req.ipv4 if req.ipv4 is not None else alloc.subnet(_POOL_IPV4, 30)
+        net6 = req.ipv6 if req.ipv6 is not None else alloc.subnet(_POOL_IPV6, 126)
+        vni = req.vni if req.vni is not None else alloc.vni(base_vni + 1)
+        net = make_network(req.name, vni, next_dev(), net4 or None, net6 or None)
+        nets.append(replace(net, target=target, pod_dev=req.pod_dev or req.name))
+    _check_pod_devs(nets)
+    return tuple(nets)
+
+
+def _default_addresses(net: Network) -> bool:
+    return all(
+        a is None or a.network.subnet_of(pool)  # type: ignore[arg-type]
+        for a, pool in ((net.local_ipv4, _POOL_IPV4), (net.local_ipv6, _POOL_IPV6))
+    )
 
 
 def _check_overlaps(nets: Sequence[tuple[str, AnyNetwork]]) -> None:

@@ -55,6 +55,21 @@ def delete_table(family: str, name: str, netns: str | None = None) -> None:
     apply(f"table {family} {name}\ndelete table {family} {name}\n", netns)
 
 
+def table_exists(family: str, name: str, netns: str | None = None) -> bool:
+    """Whether the namespace has the table."""
+    argv = [*ns_prefix(netns), nft_binary(), "list", "table", family, name]
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=_NFT_TIMEOUT_S, check=False)
+    except subprocess.TimeoutExpired:
+        raise KernelError(f"nft did not finish within {_NFT_TIMEOUT_S:g} s in {netns or 'this namespace'}") from None
+    if done.returncode != 0 and "Operation not permitted" in done.stderr:
+        raise KernelError(
+            f"nft was refused in {netns or 'this namespace'}: it needs CAP_NET_ADMIN there;"
+            " in a pod, add NET_ADMIN to the container's securityContext.capabilities"
+        )
+    return done.returncode == 0
+
+
 def filter_table(port: int) -> str:
     return f"svctunnel_{port}"
 

@@ -11,21 +11,24 @@ import pytest
 from . import interrupts
 from .config import OPTIONS, resolve
 from .errors import ConfigError
-from .fixtures import svctunnel, svctunnel_network, svctunnel_networks
+from .fixtures import svctunnel, svctunnel_attach, svctunnel_network, svctunnel_networks
 from .names import device_names, new_run_id
-from .networks import NetworkRequest, parse_request, plan_networks
+from .networks import NetworkRequest, check_targets_need_a_cluster, parse_request, plan_networks
 from .runs import Run
 from .shield import shield
 from .stash import STASH, PluginStash
 
-__all__ = ["svctunnel", "svctunnel_network", "svctunnel_networks"]
+__all__ = ["svctunnel", "svctunnel_attach", "svctunnel_network", "svctunnel_networks"]
 
 MARKER = "svctunnel_network"
-TUNNEL_FIXTURES = frozenset({"svctunnel", "svctunnel_network", "svctunnel_networks"})
+TUNNEL_FIXTURES = frozenset({"svctunnel", "svctunnel_network", "svctunnel_networks", "svctunnel_attach"})
+_MARKER_USAGE = f"{MARKER}(name, *, ipv4=None, ipv6=None, vni=None, target=None, pod_dev=None)"
 _MARKER_DOC = (
-    f"{MARKER}(name, *, ipv4=None, ipv6=None, vni=None): ask for an extra tunnel network built in the"
-    " same session; ipv4/ipv6 are networks like '10.40.0.0/30' (pod end takes the first host, this end"
-    " the second), False to leave a family out; defaults are deterministic and non-overlapping."
+    f"{_MARKER_USAGE}: ask for an extra tunnel network built in the same session; ipv4/ipv6 are"
+    " networks like '10.40.0.0/30' (pod end takes the first host, this end the second), False to leave"
+    " a family out; defaults are deterministic and non-overlapping. target='NAMESPACE/SELECTOR' or"
+    " 'NAMESPACE/NAME' puts the network into those pods of your workload (each pod its own), pod_dev"
+    " names its device there (e.g. 'net1')."
 )
 
 
@@ -138,21 +141,24 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         for item in items:
             for mark in item.iter_markers(MARKER):
                 requests.append(_request(mark, item.nodeid))
-        state.networks = plan_networks(state.config.vni, requests, device_names(state.run_id))
+        cfg = state.config
+        state.networks = plan_networks(cfg.vni, requests, device_names(state.run_id), cfg.target, cfg.pod_dev)
+        check_targets_need_a_cluster(state.networks, cfg.backend)
     except ConfigError as exc:
         raise pytest.UsageError(f"svctunnel: {exc}") from None
 
 
 def _request(mark: pytest.Mark, where: str) -> NetworkRequest:
     kwargs = dict(mark.kwargs)
-    unknown = set(kwargs) - {"name", "ipv4", "ipv6", "vni"}
+    unknown = set(kwargs) - {"name", "ipv4", "ipv6", "vni", "target", "pod_dev"}
     if unknown or len(mark.args) > 1 or (mark.args and "name" in kwargs):
         raise ConfigError(
-            f"{MARKER} mark on {where}: use {MARKER}(name, *, ipv4=None, ipv6=None, vni=None)"
+            f"{MARKER} mark on {where}: use {_MARKER_USAGE}"
             + (f"; unknown {', '.join(sorted(unknown))}" if unknown else "")
         )
     name = mark.args[0] if mark.args else kwargs.get("name")
-    return parse_request(name, kwargs.get("ipv4"), kwargs.get("ipv6"), kwargs.get("vni"), where)
+    g = kwargs.get
+    return parse_request(name, g("ipv4"), g("ipv6"), g("vni"), where, g("target"), g("pod_dev"))
 
 
 @pytest.hookimpl(wrapper=True)
@@ -171,6 +177,6 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: p
     state = config.stash.get(STASH, None)
     if state is None:
         return
-    for note in (state.setup_note, state.kept_note):
+    for note in (state.setup_note, *state.attach_notes, state.kept_note):
         if note:
             terminalreporter.write_line(f"svctunnel: {note}")

@@ -23,7 +23,7 @@ from .backends.kubernetes.options import Placement
 from .errors import KubeError, PrivilegeError, SvcTunnelError
 from .hostobjects import Leftovers, remove_run_objects
 from .privileges import require_net_admin
-from .runs import KUBE_FILE, Liveness, Run, all_runs, state_root
+from .runs import INJECTED_PREFIX, KUBE_FILE, Liveness, Run, all_runs, state_root
 from .shield import shield
 from .waiting import Deadline
 
@@ -120,8 +120,15 @@ def reap_run(run: Run, deadline: Deadline) -> Leftovers:
         record = run.read(KUBE_FILE)
         found = leftovers(run, record)
         remove_run_objects(run, deadline)
+        for name in run.records(INJECTED_PREFIX):
+            from .backends.kubernetes.inject import remove_recorded  # the client loads only for such runs
+
+            injected = run.read(name)
+            if injected is not None:
+                remove_recorded(run.id, injected, deadline)
+            run.forget(name)
         if record is not None:
-            from .backends.kubernetes.cleanup import delete_recorded  # the client loads only for such runs
+            from .backends.kubernetes.cleanup import delete_recorded
 
             delete_recorded(record, deadline)
         run.remove()
@@ -131,13 +138,17 @@ def reap_run(run: Run, deadline: Deadline) -> Leftovers:
 def leftovers(run: Run, record: dict[str, Any] | None) -> Leftovers:
     """What the run left on this host, and the Kubernetes objects of its ``record`` (kube.json)."""
     found = Leftovers.of(run)
-    if record is None:
-        return found
-    try:
-        cluster = Placement.from_record(record)[0].describe()
-    except KubeError as exc:
-        cluster = str(exc)
-    return dataclasses.replace(found, cluster=cluster)
+    parts = []
+    if record is not None:
+        try:
+            parts.append(Placement.from_record(record)[0].describe())
+        except KubeError as exc:
+            parts.append(str(exc))
+    for name in run.records(INJECTED_PREFIX):
+        from .backends.kubernetes.inject import describe_recorded
+
+        parts.append(describe_recorded(run.read(name) or {}))
+    return dataclasses.replace(found, cluster="; ".join(parts)) if parts else found
 
 
 def reap_for_session(timeout: float) -> list[str]:

@@ -25,6 +25,7 @@ STATE_ENV = "SVCTUNNEL_STATE_DIR"
 _DEFAULT_ROOT = "/run/svctunnel"
 OWNER_FILE = "owner.json"
 KUBE_FILE = "kube.json"  # the cluster objects of a kubernetes backend run, for reaping
+INJECTED_PREFIX = "injected-"  # one record per agent injected into a user's pod, for reaping
 # a state directory without an owner record is being created, unless it has not changed for this long
 OWNERLESS_GRACE_S = 60.0
 
@@ -109,6 +110,16 @@ class Run:
         except (FileNotFoundError, json.JSONDecodeError):
             return None
         return data if isinstance(data, dict) else None
+
+    def forget(self, name: str) -> None:
+        """Remove one record from the state directory (gone already is fine)."""
+        (self.dir / name).unlink(missing_ok=True)
+
+    def records(self, prefix: str) -> list[str]:
+        """The names of the records that start with ``prefix``, sorted."""
+        if not self.dir.is_dir():
+            return []
+        return sorted(p.name for p in self.dir.iterdir() if p.name.startswith(prefix) and p.suffix == ".json")
 
     def remove(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)

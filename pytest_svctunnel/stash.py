@@ -25,6 +25,7 @@ class PluginStash:
     session: TunnelSession | None = None
     kept_note: str | None = None
     setup_note: str | None = None
+    attach_notes: list[str] = field(default_factory=list)
 
 
 STASH = pytest.StashKey[PluginStash]()

@@ -70,8 +70,9 @@ class Stopwatch:
         self._started = self._last = time.monotonic()
 
     def lap(self, phase: str) -> None:
+        """End ``phase`` now; a phase that comes again (one per pod) adds up."""
         now = time.monotonic()
-        self.phases[phase] = now - self._last
+        self.phases[phase] = self.phases.get(phase, 0.0) + now - self._last
         self._last = now
 
     @property

@@ -175,4 +175,7 @@ OPTION_KEYS = (
     "service_type",
     "node",
     "bridge",
+    "target",
+    "pod_dev",
+    "idle_exit",
 )

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from pytest_svctunnel.config import OPTION_BY_KEY, OPTIONS, TunnelConfig, resolve
 from pytest_svctunnel.errors import ConfigError
+from pytest_svctunnel.targets import Target
 
 from .helpers import OPTION_KEYS
 
@@ -37,6 +38,9 @@ DEFAULTS: dict[str, Any] = {
     "service_type": "LoadBalancer",
     "node": None,
     "bridge": None,
+    "target": None,
+    "pod_dev": None,
+    "idle_exit": 600.0,
 }
 
 # key -> ((cli raw, parsed), (env raw, parsed), (ini raw, parsed)); all three differ where the option allows it.
@@ -62,6 +66,13 @@ LAYERS: dict[str, tuple[tuple[str, Any], tuple[str, Any], tuple[str, Any]]] = {
     "service_type": (("NodePort", "NodePort"), ("LoadBalancer", "LoadBalancer"), ("NodePort", "NodePort")),
     "node": (("kind-worker", "kind-worker"), ("node-2.example", "node-2.example"), ("n3", "n3")),
     "bridge": (("br0", "br0"), ("multus-br", "multus-br"), ("br.100", "br.100")),
+    "target": (
+        ("cnf/app=upf", Target("cnf", selector="app=upf")),
+        ("ran/du-0", Target("ran", name="du-0")),
+        ("core/tier in (a,b)", Target("core", selector="tier in (a,b)")),
+    ),
+    "pod_dev": (("net1", "net1"), ("net2", "net2"), ("media0", "media0")),
+    "idle_exit": (("60", 60.0), ("3600", 3600.0), ("10", 10.0)),
 }
 
 # settings that only make sense with another one: the other is set on the command line too
@@ -169,6 +180,9 @@ def test_describe() -> None:
         "service_type=LoadBalancer (default)",
         "node=None (default)",
         "bridge=None (default)",
+        "target=None (default)",
+        "pod_dev=None (default)",
+        "idle_exit=600.0 (default)",
     ]
 
 
@@ -302,6 +316,12 @@ def test_property_first_present_layer_wins(present: dict[str, set[str]]) -> None
             env[ENV[key]] = env_v[0]
         if "ini" in layers:
             ini[key] = ini_v[0]
+    if present["target"]:  # pods of a workload: not with the lab or node mode (tested on their own)
+        for key in ("backend", "node", "bridge"):
+            present[key] = set()
+            cli.pop(key, None)
+            env.pop(ENV[key], None)
+            ini.pop(key, None)
     if present["bridge"] and not present["node"]:
         present["node"] = {"ini"}  # a bridge needs node mode (tested on its own)
         ini["node"] = LAYERS["node"][2][0]
@@ -319,3 +339,16 @@ def test_property_first_present_layer_wins(present: dict[str, set[str]]) -> None
         expected = {"cli": cli_v[1], "env": env_v[1], "ini": ini_v[1], "default": DEFAULTS[key]}[winner]
         assert getattr(config, key) == expected
         assert f"{key}={expected} ({winner})" in config.describe()
+
+
+def test_target_needs_the_kubernetes_backend_and_no_node_mode() -> None:
+    with pytest.raises(ConfigError, match=r"SVCTUNNEL_TARGET needs the kubernetes backend.*--svctunnel-backend lab"):
+        resolve({"backend": "lab"}, {ENV["target"]: "cnf/app=upf"}, {})
+    with pytest.raises(ConfigError, match="--svctunnel-target and --svctunnel-node exclude each other"):
+        resolve({"target": "cnf/app=upf", "node": "kind-worker"}, {}, {})
+
+
+@pytest.mark.parametrize("raw", ["9", "3601", "-5", "soon"])
+def test_idle_exit_bounds(raw: str) -> None:
+    with pytest.raises(ConfigError, match=f"--svctunnel-idle-exit='{raw}' is invalid"):
+        resolve({"idle_exit": raw}, {}, {})

@@ -5,6 +5,8 @@ from __future__ import annotations
 import ipaddress
 import secrets
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 
@@ -163,3 +165,50 @@ def test_hello_naming_the_pods_own_interface_is_refused(speaker: Speaker, agent:
     speaker.send(speaker.datagram(Confirm(challenge.nonce)))
     done = speaker.answer()
     assert done is not None and isinstance(done.body, Ack) and done.body.built == 1
+
+
+def _shake(speaker: Speaker, hello: Hello) -> Message | None:
+    speaker.send(speaker.datagram(hello))
+    answer = speaker.answer()
+    assert answer is not None and isinstance(answer.body, Challenge)
+    speaker.send(speaker.datagram(Confirm(answer.body.nonce)))
+    return speaker.answer()
+
+
+def test_in_an_applications_namespace_the_agent_takes_no_link_it_did_not_make(lab: Lab, key: bytes) -> None:
+    """Injected into a pod, the agent shares the namespace with the application: a VXLAN device of the
+    application's that has the name a hello asks for is refused and left as it was (an agent of its own pod
+    would reuse a matching device of its own), and the agent goes on serving."""
+    pod = lab.plan.ns("pod")
+    subprocess.run(
+        ["ip", "-n", pod, "link", "add", "vxlan0", "type", "vxlan", "id", "999", "dstport", "4789"], check=True
+    )
+    lab.start_agent(key, shared_netns=True)
+    speaker = Speaker(lab, key)
+    try:
+        assert _shake(speaker, HELLO) is None, "nothing was built, so nothing is acknowledged"
+        assert "the pod has a link named vxlan0 that is not the agent's" in lab.log_text()
+        link = subprocess.run(["ip", "-n", pod, "-d", "-o", "link", "show", "vxlan0"], capture_output=True, text=True)
+        assert "vxlan id 999 " in link.stdout, link.stdout
+        other = Hello(1450, (PodNetwork(333, "net1", ipaddress.IPv4Interface("10.30.30.1/30"), None),))
+        speaker.session = secrets.token_bytes(8)
+        done = _shake(speaker, other)
+        assert done is not None and isinstance(done.body, Ack) and done.body.built == 1
+    finally:
+        speaker.sock.close()
+
+
+def test_a_second_agent_in_an_applications_namespace_refuses_to_start(lab: Lab, key: bytes) -> None:
+    """One agent per port in a shared namespace: a second one finds the first one's nft table, says so in one
+    line and exits without touching it."""
+    running = lab.start_agent(key, shared_netns=True)
+    table = f"svctunnel_{lab.plan.port}"
+    argv = ["ip", "netns", "exec", lab.plan.ns("pod"), sys.executable, "-m", "pytest_svctunnel", "agent"]
+    argv += ["--key-file", str(running.key_file), "--port", str(lab.plan.port), "--shared-netns"]
+    second = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+    assert second.returncode == 1, second.stderr
+    assert f"the pod already has an nft table inet {table}: another svctunnel agent serves port" in second.stderr
+    assert "Traceback" not in second.stderr
+    listed = subprocess.run(["ip", "netns", "exec", lab.plan.ns("pod"), "nft", "list", "table", "inet", table])
+    assert listed.returncode == 0, "the first agent's filter stays"
+    assert running.alive()

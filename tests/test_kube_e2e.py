@@ -280,14 +280,14 @@ def test_given_namespace_keeps_only_what_it_had(pytester: pytest.Pytester, clust
 class HeldSession:
     """An inner session whose test holds the tunnel up, as a process group of its own."""
 
-    def __init__(self, pytester: pytest.Pytester, cluster: TestCluster) -> None:
+    def __init__(self, pytester: pytest.Pytester, cluster: TestCluster, *args: str) -> None:
         pytester.makepyfile(test_hold=HOLD_SUITE)
         self.path = pytester.path
         self.out = pytester.path / "held.out"
         env = {**os.environ, "SVCTUNNEL_KUBECONFIG": str(cluster.kubeconfig)}
         with self.out.open("wb") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "no:hypothesispytest", "-s"],
+                [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "no:hypothesispytest", "-s", *args],
                 cwd=pytester.path, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
             )  # fmt: skip
 
@@ -597,3 +597,317 @@ def test_injection_preconditions_are_asked_of_the_api_server(cluster: TestCluste
         stranger.close()
         for namespace in (open_ns, baseline_ns):
             core.delete_namespace(namespace)
+
+
+# -- networks into the user's own pods ---------------------------------------------------------
+
+APP_IMAGE = "svctunnel-agent:0.1.0"  # on the nodes already; the application uses its Python and nft
+# the application: its own link (with addresses and a route) and its own nft table, then it runs on
+APP_SCRIPT = """
+import pathlib, subprocess, time
+from pyroute2 import IPRoute
+with IPRoute() as ipr:
+    ipr.link("add", ifname="app0", kind="veth", peer="app1")
+    ipr.link("set", index=ipr.link_lookup(ifname="app1")[0], state="up")
+    index = ipr.link_lookup(ifname="app0")[0]
+    ipr.addr("add", index=index, address="192.0.2.1", prefixlen=24)
+    ipr.addr("add", index=index, address="2001:db8:a::1", prefixlen=64)
+    ipr.link("set", index=index, state="up")
+    for _ in range(100):  # ready once duplicate address detection is over: the state stays as it is then
+        if not any(a.get("flags", 0) & 0x40 or a.get_attr("IFA_FLAGS", 0) & 0x40 for a in ipr.get_addr()):
+            break
+        time.sleep(0.1)
+rules = "table inet app { chain input { type filter hook input priority 0; policy accept; udp dport 9999 drop; }; }"
+subprocess.run(["nft", "-f", "-"], input=rules, text=True, check=True)
+pathlib.Path("/tmp/app-ready").touch()
+print("app ready", flush=True)
+while True:
+    time.sleep(3600)
+"""
+
+INJECT_SUITE = (
+    POD_SUITE_HEAD
+    + """
+import pytest
+
+
+def in_pod(*argv):
+    return subprocess.run(["nsenter", "-t", os.environ["E2E_POD_PID"], "-n", *argv], capture_output=True, text=True)
+
+
+@pytest.mark.svctunnel_network("media", pod_dev="net2", ipv4="10.40.0.0/30")
+def test_the_application_pod_has_the_networks(svctunnel, svctunnel_network):
+    default = svctunnel.default
+    assert (default.pod, default.pod_dev) == (os.environ["E2E_POD"], "net1")
+    assert (svctunnel_network.pod, svctunnel_network.pod_dev) == (os.environ["E2E_POD"], "net2")
+    for net in (default, svctunnel_network):
+        addresses = in_pod("ip", "-o", "addr", "show", "dev", net.pod_dev).stdout
+        for remote, local in ((net.remote_ipv4, net.local_ipv4), (net.remote_ipv6, net.local_ipv6)):
+            assert str(remote) in addresses, addresses
+            assert ping(remote.ip, net.dev), f"no answer from {remote.ip} over {net.dev}"
+            back = in_pod("ping", "-c", "1", "-W", "2", "-I", net.pod_dev, str(local.ip))
+            assert back.returncode == 0, f"the pod got no answer from {local.ip}: {back.stdout}{back.stderr}"
+"""
+)
+
+
+def create_app_namespace(cluster: TestCluster, labels: dict[str, str] | None = None) -> str:
+    name = f"svt-e2e-app-{uuid.uuid4().hex[:6]}"
+    client.CoreV1Api(cluster.api).create_namespace({"metadata": {"name": name, "labels": labels or {}}})
+    return name
+
+
+def app_pod_manifest(name: str) -> dict[str, Any]:
+    """The application: a pod-level non-root user (which an injected agent must not inherit), its own root
+    container with NET_ADMIN for its own link and table, a readiness probe of its own."""
+    return {
+        "metadata": {"name": name, "labels": {"app": "e2e-app"}},
+        "spec": {
+            "terminationGracePeriodSeconds": 1,
+            "securityContext": {"runAsNonRoot": True, "runAsUser": 1000},
+            "containers": [
+                {
+                    "name": "app",
+                    "image": APP_IMAGE,
+                    "imagePullPolicy": "Never",
+                    "command": ["python3", "-c", APP_SCRIPT],
+                    "readinessProbe": {"exec": {"command": ["test", "-e", "/tmp/app-ready"]}, "periodSeconds": 1},
+                    "securityContext": {
+                        "runAsUser": 0,
+                        "runAsNonRoot": False,
+                        "capabilities": {"add": ["NET_ADMIN"]},
+                    },
+                }
+            ],
+        },
+    }
+
+
+def wait_pods_ready(core: Any, namespace: str, selector: str, count: int, seconds: float = 60.0) -> list[Any]:
+    end = time.monotonic() + seconds
+    pods: list[Any] = []
+    while time.monotonic() < end:
+        pods = core.list_namespaced_pod(namespace, label_selector=selector).items
+        ready = [p for p in pods if any(c.type == "Ready" and c.status == "True" for c in p.status.conditions or [])]
+        if len(ready) == count and len(pods) == count:
+            return sorted(ready, key=lambda p: p.metadata.name)
+        time.sleep(0.3)
+    logs = [core.read_namespaced_pod_log(p.metadata.name, namespace, tail_lines=20) for p in pods]
+    raise AssertionError(f"pods -l {selector} in {namespace} not ready: {[p.status for p in pods]}; logs: {logs}")
+
+
+def pod_network_state(pid: int) -> str:
+    """Everything of a pod's network namespace that the agent could change: links, addresses, routes, rules."""
+    views = (
+        ["ip", "-d", "-o", "link", "show"],
+        ["ip", "-o", "addr", "show"],
+        ["ip", "route", "show", "table", "all"],
+        ["ip", "-6", "route", "show", "table", "all"],
+        ["nft", "list", "ruleset"],
+    )
+    out = []
+    for argv in views:
+        done = subprocess.run(["nsenter", "-t", str(pid), "-n", *argv], capture_output=True, text=True, check=True)
+        out.append(f"$ {' '.join(argv)}\n{done.stdout}")
+    return "\n".join(out)
+
+
+def start_app(cluster: TestCluster, namespace: str) -> tuple[Any, int, str]:
+    """The application pod once it is ready, the pid whose network namespace is its, and that namespace's state."""
+    core = client.CoreV1Api(cluster.api)
+    core.create_namespaced_pod(namespace, app_pod_manifest("app"))
+    (pod,) = wait_pods_ready(core, namespace, "app=e2e-app", 1)
+    pid = node_of(cluster, pod).pod_pid(namespace, "app")
+    return pod, pid, pod_network_state(pid)
+
+
+def node_of(cluster: TestCluster, pod: Any) -> Any:
+    (node,) = [n for n in cluster.nodes if n.spec.name == pod.spec.node_name]
+    return node
+
+
+def test_a_network_goes_into_a_running_application_pod(pytester: pytest.Pytester, cluster: TestCluster) -> None:
+    """--svctunnel-target puts the default network (as net1) and a marked one (as net2) into a running
+    application pod: pings pass both ways on both families. After the session the pod's links, addresses,
+    routes and nft ruleset are what they were, its labels too, the application never restarted, and the
+    injected agent has exited."""
+    core = client.CoreV1Api(cluster.api)
+    namespace = create_app_namespace(cluster)
+    try:
+        pod, pid, before = start_app(cluster, namespace)
+        assert "app0" in before and "table inet app" in before, before
+        os.environ.update(E2E_POD="app", E2E_POD_PID=str(pid))
+        try:
+            pytester.makepyfile(test_inject=INJECT_SUITE)
+            result, run_id = run_inner(
+                pytester, cluster, "--svctunnel-target", f"{namespace}/app", "--svctunnel-pod-dev", "net1"
+            )
+        finally:
+            del os.environ["E2E_POD"], os.environ["E2E_POD_PID"]
+        output = result.stdout.str()
+        assert result.ret == pytest.ExitCode.OK, output
+        ready = _READY.search(output)
+        assert ready is not None, output
+        print(ready[0])
+        for phase in ("pods chosen", "objects created", "agent injected", "handshake", "first ping"):
+            assert phase in ready[0], ready[0]
+        assert pod_network_state(pid) == before
+        after = core.read_namespaced_pod("app", namespace)
+        assert after.metadata.labels == pod.metadata.labels
+        assert after.metadata.uid == pod.metadata.uid
+        assert [s.restart_count for s in after.status.container_statuses] == [0]
+        (agent,) = after.status.ephemeral_container_statuses
+        assert agent.name == names.object_name(run_id)
+        assert agent.state.terminated is not None and agent.state.terminated.exit_code == 0, agent.state
+        assert_run_left_nothing(cluster, run_id, output)
+    finally:
+        core.delete_namespace(namespace)
+
+
+ATTACH_SUITE = (
+    POD_SUITE_HEAD
+    + """
+def test_each_pod_of_the_deployment_gets_its_own_network(svctunnel_attach):
+    with svctunnel_attach(os.environ["E2E_TARGET"], ["net1"]) as attached:
+        nets = attached.networks.pods("net1")
+        assert sorted(nets) == sorted(os.environ["E2E_PODS"].split()), nets
+        for field in ("dev", "vni", "local_ipv4", "local_ipv6"):
+            assert len({getattr(n, field) for n in nets.values()}) == 3, (field, nets)
+        for pod, net in nets.items():
+            assert net.pod_dev == "net1"
+            assert ping(net.remote_ipv4.ip, net.dev) and ping(net.remote_ipv6.ip, net.dev), pod
+        devices = [n.dev for n in nets.values()]
+    left = [d for d in devices if subprocess.run(["ip", "link", "show", "dev", d], capture_output=True).returncode == 0]
+    assert left == [], left
+    print("attached to", len(nets), "pods, and detached")
+"""
+)
+
+
+def test_each_pod_of_a_deployment_gets_its_own_network(pytester: pytest.Pytester, cluster: TestCluster) -> None:
+    """svctunnel_attach into a 3-replica Deployment: three pods, three tunnels with their own devices, VNIs
+    and addresses, all pinging; leaving the with block removes them, and the run leaves nothing."""
+    from .kubelab.node import PAUSE_IMAGE
+
+    core, apps = client.CoreV1Api(cluster.api), client.AppsV1Api(cluster.api)
+    namespace = create_app_namespace(cluster)
+    labels = {"app": "e2e-tri"}
+    container = {"name": "app", "image": PAUSE_IMAGE, "imagePullPolicy": "Never", "command": ["/pause"]}
+    deployment = {
+        "metadata": {"name": "tri"},
+        "spec": {
+            "replicas": 3,
+            "selector": {"matchLabels": labels},
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {"terminationGracePeriodSeconds": 1, "containers": [container]},
+            },
+        },
+    }
+    try:
+        apps.create_namespaced_deployment(namespace, deployment)
+        pods = wait_pods_ready(core, namespace, "app=e2e-tri", 3)
+        os.environ.update(E2E_TARGET=f"{namespace}/app=e2e-tri", E2E_PODS=" ".join(p.metadata.name for p in pods))
+        try:
+            pytester.makepyfile(test_attach=ATTACH_SUITE)
+            result, run_id = run_inner(pytester, cluster)
+        finally:
+            del os.environ["E2E_TARGET"], os.environ["E2E_PODS"]
+        output = result.stdout.str()
+        assert result.ret == pytest.ExitCode.OK, output
+        result.stdout.fnmatch_lines(["*attached to 3 pods, and detached*", "svctunnel: attached to * in *"])
+        before = {p.metadata.uid: p.metadata.labels for p in pods}
+        after = core.list_namespaced_pod(namespace, label_selector="app=e2e-tri").items
+        assert {p.metadata.uid: p.metadata.labels for p in after} == before
+        for pod in after:
+            assert [s.restart_count for s in pod.status.container_statuses] == [0]
+            (agent,) = pod.status.ephemeral_container_statuses
+            assert agent.state.terminated is not None and agent.state.terminated.exit_code == 0, agent.state
+        assert_run_left_nothing(cluster, run_id, output)
+    finally:
+        core.delete_namespace(namespace)
+
+
+def reap() -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "pytest_svctunnel", "reap"], capture_output=True, text=True, timeout=120
+    )
+
+
+def test_a_sigkilled_injection_is_reaped_and_the_pod_is_as_it_was(
+    pytester: pytest.Pytester, cluster: TestCluster
+) -> None:
+    """SIGKILL of a session with a network in an application pod leaves the agent's device there;
+    'svctunnel reap' says goodbye to the agent (it removes its device and filter and exits) and removes the
+    Service, the Secret and the pod's run label: the pod is as it was, the application never restarted."""
+    core = client.CoreV1Api(cluster.api)
+    namespace = create_app_namespace(cluster)
+    try:
+        pod, pid, before = start_app(cluster, namespace)
+        held = HeldSession(pytester, cluster, "--svctunnel-target", f"{namespace}/app", "--svctunnel-pod-dev", "net1")
+        try:
+            run_id = held.run_id
+            held.wait_for("the tunnel", lambda: (held.path / "tunnel-up").exists())
+        finally:
+            held.kill()
+        assert "net1" in pod_network_state(pid), "SIGKILL should have left the agent's device in the pod"
+        assert labelled(cluster.api, run_id), "SIGKILL should have left the run's Service and Secret"
+        done = reap()
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert f"reaped run {run_id}" in done.stdout and f"agent in pod {namespace}/app" in done.stdout, done.stdout
+        assert pod_network_state(pid) == before
+        after = core.read_namespaced_pod("app", namespace)
+        assert after.metadata.labels == pod.metadata.labels
+        assert [s.restart_count for s in after.status.container_statuses] == [0]
+        (agent,) = after.status.ephemeral_container_statuses
+        assert agent.state.terminated is not None and agent.state.terminated.exit_code == 0, agent.state
+        assert_run_left_nothing(cluster, run_id, done.stdout)
+    finally:
+        core.delete_namespace(namespace)
+
+
+@pytest.mark.parametrize("case", ["pod-security-baseline", "no-permissions"])
+def test_an_injection_the_cluster_refuses_fails_before_anything_is_created(
+    pytester: pytest.Pytester, cluster: TestCluster, tmp_path: Path, case: str
+) -> None:
+    """Each precondition failure is one line naming the fix, and nothing is created: the pod keeps its
+    labels and has no ephemeral container, its namespace no Service or Secret of the run."""
+    from pytest_svctunnel.backends.kubernetes.preconditions import PSA_ENFORCE
+
+    from .kubelab import certs
+    from .kubelab.node import PAUSE_IMAGE
+
+    core = client.CoreV1Api(cluster.api)
+    labels = {PSA_ENFORCE: "baseline"} if case == "pod-security-baseline" else {}
+    namespace = create_app_namespace(cluster, labels)
+    container = {"name": "app", "image": PAUSE_IMAGE, "imagePullPolicy": "Never", "command": ["/pause"]}
+    pod = {"metadata": {"name": "app", "labels": {"app": "e2e-app"}}, "spec": {"containers": [container]}}
+    try:
+        core.create_namespaced_pod(namespace, pod)
+        wait_pods_ready(core, namespace, "app=e2e-app", 1)
+        args = ["--svctunnel-target", f"{namespace}/app=e2e-app"]
+        if case == "no-permissions":
+            kubeconfig = tmp_path / "kube-proxy.kubeconfig"  # a real user without those permissions
+            plane = cluster.plane
+            plane.write_kubeconfig(kubeconfig, plane.server, plane.pki.kube_proxy, certs.KUBE_PROXY_USER)
+            args += ["--svctunnel-kubeconfig", str(kubeconfig)]
+        pytester.makepyfile(test_hold=HOLD_SUITE)
+        result, run_id = run_inner(pytester, cluster, *args)
+        output = result.stdout.str()
+        assert result.ret == pytest.ExitCode.TESTS_FAILED, output
+        line = next((x for x in output.splitlines() if "svctunnel: cannot inject a network" in x), output)
+        if case == "pod-security-baseline":
+            assert f"'kubectl label namespace {namespace} {PSA_ENFORCE}=privileged --overwrite'" in line, line
+        else:
+            assert "may not get pods, list pods, patch pods, patch pods/ephemeralcontainers" in line, line
+            assert "create secrets, delete secrets in namespace" in line and "grant a Role" in line, line
+        after = core.read_namespaced_pod("app", namespace)
+        assert after.metadata.labels == {"app": "e2e-app"}
+        assert not after.spec.ephemeral_containers
+        assert core.list_namespaced_service(namespace).items == []
+        assert [
+            s.metadata.name for s in core.list_namespaced_secret(namespace).items if "svctunnel" in s.metadata.name
+        ] == []
+        assert_run_left_nothing(cluster, run_id, output)
+    finally:
+        core.delete_namespace(namespace)

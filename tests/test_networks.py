@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import itertools
 import re
+from dataclasses import replace
 from ipaddress import IPv4Interface, IPv4Network, IPv6Interface, IPv6Network
 from typing import Any
 
@@ -15,15 +16,20 @@ from hypothesis import strategies as st
 from pytest_svctunnel.errors import ConfigError
 from pytest_svctunnel.names import device_names
 from pytest_svctunnel.networks import (
+    ATTACH,
     DEFAULT_VNI,
     MAX_VNI,
     Network,
+    NetworkMap,
     NetworkRequest,
     parse_request,
+    plan_attached,
     plan_networks,
     single_network,
+    spread_over_pods,
 )
 from pytest_svctunnel.protocol import Hello, Message, PodNetwork, decode, encode
+from pytest_svctunnel.targets import Target
 from pytest_svctunnel.values import ifname_problem
 
 DEVS = device_names("abc123")
@@ -474,3 +480,118 @@ def test_property_single_network_ipv4_derives_a_different_host(address: int, pre
     assert net.remote_ipv4.network == local.network
     assert net.remote_ipv4.ip != local.ip
     assert net.remote_ipv4.ip in {local.network[1], local.network[2]}
+
+
+# -- networks into the user's pods -----------------------------------------------------------------
+
+UPF = Target("cnf", selector="app=upf")
+SBC = Target("voice", name="sbc-0")
+
+
+def test_targets_and_pod_devices_are_planned_per_network() -> None:
+    nets = by_name(
+        plan_networks(
+            DEFAULT_VNI,
+            [
+                parse_request("media", None, None, None, WHERE, "cnf/app=upf", "net2"),
+                parse_request("signal", None, None, None, WHERE, "voice/sbc-0", None),
+                req("local"),
+            ],
+            DEVS,
+            default_target=UPF,
+            default_pod_dev="net1",
+        )
+    )
+    assert (nets["default"].target, nets["default"].pod_dev) == (UPF, "net1")
+    assert (nets["media"].target, nets["media"].pod_dev) == (UPF, "net2")
+    assert (nets["signal"].target, nets["signal"].pod_dev) == (SBC, None)
+    assert nets["local"].target == UPF, "a network without a target of its own goes to the session's target"
+    assert nets["media"].pod_network().dev == "net2"
+    assert nets["signal"].pod_network().dev == nets["signal"].dev, "no pod_dev: the same name as this end's"
+
+
+def test_two_networks_may_not_want_one_device_in_the_same_pods() -> None:
+    requests = [
+        parse_request("a", None, None, None, WHERE, "cnf/app=upf", "net1"),
+        parse_request("b", None, None, None, WHERE, "cnf/app=upf", "net1"),
+    ]
+    with pytest.raises(ConfigError, match=r"'a' and 'b' both want device net1 in target cnf/app=upf.*pod_dev="):
+        plan_networks(DEFAULT_VNI, requests, DEVS)
+    other_pods = [requests[0], parse_request("b", None, None, None, WHERE, "voice/sbc-0", "net1")]
+    assert len(plan_networks(DEFAULT_VNI, other_pods, DEVS)) == 3, "the same name in other pods is fine"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "expected"),
+    [
+        ({"target": "cnf"}, "target='cnf': 'cnf' is not NAMESPACE/SELECTOR or NAMESPACE/NAME"),
+        ({"target": "Cnf/app=upf"}, "is not a namespace name"),
+        ({"target": "cnf/Upf_0"}, "neither a pod name nor a label selector"),
+        ({"pod_dev": "a-name-much-too-long"}, "pod_dev='a-name-much-too-long' is not a device name"),
+        ({"pod_dev": "net 1"}, "pod_dev='net 1' is not a device name"),
+    ],
+)
+def test_target_and_pod_dev_errors(kwargs: dict[str, Any], expected: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        parse_request("media", None, None, None, WHERE, kwargs.get("target"), kwargs.get("pod_dev"))
+    assert str(error.value).startswith(f"svctunnel_network mark on {WHERE}: ")
+    assert expected in str(error.value)
+
+
+def counter(start: int = 16) -> Any:
+    numbers = itertools.count(start)
+    return lambda: f"svtabc123-{next(numbers)}"
+
+
+def test_each_pod_of_a_target_gets_its_own_device_addresses_and_vni() -> None:
+    planned = plan_networks(DEFAULT_VNI, [req("local")], DEVS, default_target=UPF, default_pod_dev="net1")
+    planned = (*planned[:1], replace(planned[1], target=None))  # "local" stays in the plugin's own pod
+    pods = {UPF: ["upf-a", "upf-b", "upf-c"]}
+    built = spread_over_pods(planned, pods, counter())
+    default = NetworkMap(built).pods("default")
+    assert sorted(default) == ["upf-a", "upf-b", "upf-c"]
+    assert default["upf-a"] == replace(planned[0], pod="upf-a"), "the first pod keeps the plan"
+    for field in ("dev", "vni", "local_ipv4", "remote_ipv4", "local_ipv6", "remote_ipv6"):
+        assert len({getattr(n, field) for n in [*default.values(), planned[1]]}) == 4, field
+    assert [n.dev for n in default.values()] == ["svtabc123-0", "svtabc123-16", "svtabc123-17"]
+    assert {n.pod_dev for n in default.values()} == {"net1"}
+    everything = [a.network for n in built for a in (n.local_ipv4, n.local_ipv6) if a]
+    assert not any(a.overlaps(b) for a, b in itertools.combinations(everything, 2) if a.version == b.version)
+
+
+def test_explicit_addresses_fit_one_pod_only() -> None:
+    planned = plan_networks(DEFAULT_VNI, [parse_request("m", "10.40.0.0/30", None, None, WHERE, "cnf/app=upf")], DEVS)
+    assert spread_over_pods(planned[1:], {UPF: ["upf-a"]}, counter())[0].pod == "upf-a"
+    with pytest.raises(ConfigError, match=r"'m' has addresses of its own, but target cnf/app=upf matches 2 pods"):
+        spread_over_pods(planned[1:], {UPF: ["upf-a", "upf-b"]}, counter())
+
+
+def test_attached_networks_avoid_what_the_session_has() -> None:
+    session = plan_networks(DEFAULT_VNI, [req("media")], DEVS)
+    requests = [
+        parse_request("net1", None, None, None, ATTACH, "cnf/app=upf", "net1"),
+        parse_request("net2", None, None, 5000, ATTACH, "cnf/app=upf", "eth7"),
+    ]
+    attached = by_name(plan_attached(requests, UPF, session, counter(), DEFAULT_VNI))
+    assert (attached["net1"].pod_dev, attached["net2"].pod_dev, attached["net2"].vni) == ("net1", "eth7", 5000)
+    assert attached["net1"].vni not in {n.vni for n in session}
+    taken = [a.network for n in session for a in (n.local_ipv4, n.local_ipv6) if a]
+    for net in attached.values():
+        assert net.target == UPF
+        for address in (net.local_ipv4, net.local_ipv6):
+            assert address is not None and not any(address.network.overlaps(t) for t in taken if t.version == 4)
+    clash = [parse_request("x", "10.30.30.0/29", None, None, ATTACH, "cnf/app=upf")]
+    with pytest.raises(ConfigError, match="overlap"):
+        plan_attached(clash, UPF, session, counter(), DEFAULT_VNI)
+
+
+def test_a_network_in_several_pods_is_found_by_pod() -> None:
+    planned = plan_networks(DEFAULT_VNI, [], DEVS, default_target=UPF)
+    networks = NetworkMap(spread_over_pods(planned, {UPF: ["upf-a", "upf-b"]}, counter()))
+    assert "default" in networks and list(networks) == ["default"] and len(networks) == 1
+    with pytest.raises(KeyError, match=r"went into 2 pods \(upf-a, upf-b\); use .pods\('default'\)\[POD\]"):
+        networks["default"]
+    with pytest.raises(KeyError, match="no svctunnel network 'media'; the session has default"):
+        networks.pods("media")
+    one = NetworkMap(spread_over_pods(planned, {UPF: ["upf-a"]}, counter()))
+    assert one["default"].pod == "upf-a" and list(one.pods("default")) == ["upf-a"]

@@ -339,7 +339,9 @@ def test_help_and_markers_work_with_invalid_settings(
         assert any(line.lstrip().startswith(flag) for line in helped.outlines), f"{flag} not in --help"
     marked = inprocess(pytester, *args, "--markers")
     assert marked.ret == pytest.ExitCode.OK, marked.errlines
-    marked.stdout.fnmatch_lines(["@pytest.mark.svctunnel_network(name, *, ipv4=None, ipv6=None, vni=None):*"])
+    marked.stdout.fnmatch_lines(
+        ["@pytest.mark.svctunnel_network(name, *, ipv4=None, ipv6=None, vni=None, target=None, pod_dev=None):*"]
+    )
 
 
 # -- 3. marker rules at collection --------------------------------------------------
@@ -444,6 +446,43 @@ MARKER_ERRORS = {
         """,
         [],
         ["ipv5", "::test_one"],
+    ),
+    "target-on-the-lab": (
+        """
+        import pytest
+
+        @pytest.mark.svctunnel_network("media", target="cnf/app=upf", pod_dev="net1")
+        def test_one(svctunnel_network):
+            pass
+        """,
+        [],
+        ["'media'", "target cnf/app=upf", "needs the kubernetes backend", "--svctunnel-backend lab"],
+    ),
+    "target-not-a-target": (
+        """
+        import pytest
+
+        @pytest.mark.svctunnel_network("media", target="upf")
+        def test_one(svctunnel_network):
+            pass
+        """,
+        [],
+        ["::test_one", "target='upf'", "NAMESPACE/SELECTOR or NAMESPACE/NAME"],
+    ),
+    "one-pod-device-for-two-networks": (
+        """
+        import pytest
+
+        @pytest.mark.svctunnel_network("a", target="cnf/app=upf", pod_dev="net1")
+        def test_one(svctunnel_network):
+            pass
+
+        @pytest.mark.svctunnel_network("b", target="cnf/app=upf", pod_dev="net1")
+        def test_two(svctunnel_network):
+            pass
+        """,
+        [],
+        ["'a'", "'b'", "device net1", "target cnf/app=upf", "pod_dev="],
     ),
     "ipv4-host-bits-set": (
         """

@@ -258,6 +258,23 @@ class Node:
         tasks = self.ctr("tasks", "list", "--quiet", timeout=30.0)
         return sorted(set(sandboxes.stdout.split()) & set(tasks.stdout.split()))
 
+    def pod_pid(self, namespace: str, pod: str) -> int:
+        """The pid (in this host's pid namespace) of the pod's sandbox: its network namespace is the pod's."""
+        match = ",".join(
+            f'labels."{key}"=={value}'
+            for key, value in (
+                ("io.kubernetes.pod.namespace", namespace),
+                ("io.kubernetes.pod.name", pod),
+                ("io.cri-containerd.kind", "sandbox"),
+            )
+        )
+        ids = set(self.ctr("containers", "list", "--quiet", match, timeout=30.0).stdout.split())
+        for line in self.ctr("tasks", "list", timeout=30.0).stdout.splitlines()[1:]:
+            task, pid, status = [*line.split(), "", "", ""][:3]
+            if task in ids and status == "RUNNING":
+                return int(pid)
+        raise NodeError(f"node {self.spec.name}: no running sandbox of pod {namespace}/{pod}")
+
     def _start_kubelet(self, deadline: Deadline) -> None:
         self._write_kubelet_files()
         name = self._names("kubelet")

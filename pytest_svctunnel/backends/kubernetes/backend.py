@@ -101,18 +101,9 @@ class KubernetesBackend:
                 podstate.raise_if_stuck(pod, AGENT_CONTAINER)
 
     def _service_endpoint(self, pod: Any, deadline: Deadline) -> Endpoint:
-        if self.options.service_type == "NodePort":
-            return objects.node_port_endpoint(self.cluster, pod, self._service(deadline), deadline)
-        return wait_for(
-            lambda: objects.load_balancer_endpoint(self._service(deadline), self.options.port),
-            phase="load-balancer address",
-            deadline=deadline,
-            describe=lambda: f"Service {self.placement.namespace}/{self.placement.name} has no load-balancer address",
-            hint=(
-                "the cluster needs a load-balancer provider (KinD: run cloud-provider-kind, or install MetalLB"
-                " with an address pool), or use --svctunnel-service-type NodePort"
-            ),
-            interval=_POLL_S,
+        o = self.options
+        return objects.service_endpoint(
+            self.cluster, pod, lambda: self._service(deadline), o.service_type, o.port, deadline
         )
 
     def _service(self, deadline: Deadline) -> Any:

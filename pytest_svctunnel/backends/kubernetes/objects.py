@@ -6,15 +6,18 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+from collections.abc import Callable
 from typing import Any
 
 from ...errors import KubeError
 from ...protocol import Endpoint
 from ...values import IPAddress
-from ...waiting import Deadline
+from ...waiting import Deadline, wait_for
 from . import manifests
 from .client import Cluster
 from .options import Placement
+
+_POLL_S = 0.2
 
 
 def create(
@@ -54,6 +57,34 @@ def service(cluster: Cluster, placement: Placement, deadline: Deadline) -> Any:
         placement.name,
         placement.namespace,
         deadline=deadline,
+    )
+
+
+LB_HINT = (
+    "the cluster needs a load-balancer provider (KinD: run cloud-provider-kind, or install MetalLB"
+    " with an address pool), or use --svctunnel-service-type NodePort"
+)
+
+
+def service_endpoint(
+    cluster: Cluster, pod: Any, read: Callable[[], Any], service_type: str, port: int, deadline: Deadline
+) -> Endpoint:
+    """Where the external end sends to: the node port on the pod's node, or (LoadBalancer) the
+    Service's load-balancer address once the provider gave it one. ``read`` reads the Service."""
+    if service_type == "NodePort":
+        return node_port_endpoint(cluster, pod, read(), deadline)
+
+    def describe() -> str:
+        svc = read()
+        return f"Service {svc.metadata.namespace}/{svc.metadata.name} has no load-balancer address"
+
+    return wait_for(
+        lambda: load_balancer_endpoint(read(), port),
+        phase="load-balancer address",
+        deadline=deadline,
+        describe=describe,
+        hint=LB_HINT,
+        interval=_POLL_S,
     )
 
 
@@ -99,10 +130,17 @@ def describe_service(svc: Any) -> str:
     return f"{svc.spec.type} {where}: ports {ports}; load-balancer {ingress or 'none'}"
 
 
-def recent_events(cluster: Cluster, namespace: str, deadline: Deadline, count: int = 20) -> str:
-    """The namespace's last events, oldest first, one line each."""
+def recent_events(
+    cluster: Cluster, namespace: str, deadline: Deadline, count: int = 20, about: str | None = None
+) -> str:
+    """The namespace's last events (only those about the object named ``about``, when given),
+    oldest first, one line each."""
     events = cluster.call(
-        f"listing events in {namespace}", cluster.core.list_namespaced_event, namespace, deadline=deadline
+        f"listing events in {namespace}",
+        cluster.core.list_namespaced_event,
+        namespace,
+        field_selector=None if about is None else f"involvedObject.name={about}",
+        deadline=deadline,
     )
     items = sorted(events.items, key=lambda e: e.last_timestamp or e.event_time or e.metadata.creation_timestamp)
     lines = [f"{e.type} {e.involved_object.kind}/{e.involved_object.name} {e.reason}: {e.message}" for e in items]

@@ -43,6 +43,9 @@ INJECTION_NEEDS = (
     Permission("patch", "pods/ephemeralcontainers"),
     Permission("create", "services"),
     Permission("delete", "services"),
+    Permission("get", "services"),  # its load-balancer address
+    Permission("create", "secrets"),  # the session key, which the agent reads from a Secret
+    Permission("delete", "secrets"),
 )
 
 
