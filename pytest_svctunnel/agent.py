@@ -102,8 +102,9 @@ class Agent:
         """Filter the port, listen for hellos, and remove everything built on the way out."""
         self.check_devices()
         self.check_filter_free()
-        nft.apply(nft.pod_filter(self.settings.port, None, self.settings.host_network))
         try:
+            nft.apply(nft.pod_filter(self.settings.port, None, self.settings.host_network))
+            self._limit_hellos()
             with HelloTap(self.settings.port, self.settings.underlay_dev) as tap:
                 log.info("listening on UDP port %d (%s)", self.settings.port, self._pin_text())
                 while not stop() and not self.finished:
@@ -139,6 +140,21 @@ class Agent:
                 f" {self.settings.port} here; end it ('svctunnel goodbye') or use another port"
             )
 
+    def _limit_hellos(self) -> None:
+        """Bound what a flood of handshake datagrams costs, in the kernel, per source address, on the
+        devices hellos arrive on (the underlay device, else those of the default routes)."""
+        underlay = self.settings.underlay_dev
+        devices = [underlay] if underlay else device.default_route_devices(None)
+        if not devices:
+            log.warning("no default route: handshake datagrams are not rate-limited in the kernel")
+            return
+        try:
+            nft.apply(nft.hello_limit(self.settings.port, devices))
+        except KernelError as exc:  # a kernel without netdev ingress hooks: the agent still works, unbounded
+            log.warning("handshake datagrams are not rate-limited in the kernel: %s", str(exc).splitlines()[0])
+            return
+        log.info("handshake datagrams limited to %d/s per source address on %s", nft.HELLO_RATE, ", ".join(devices))
+
     def _pin_text(self) -> str:
         return f"hellos only from {self.settings.peer}" if self.settings.peer else "hellos from any address"
 
@@ -148,6 +164,7 @@ class Agent:
             return
         self._remove_networks()
         nft.delete_table("inet", nft.filter_table(self.settings.port))
+        nft.delete_table("netdev", nft.limit_table(self.settings.port))
         self._torn_down = True
         self._set_state("stopped", f"removed all networks and the port filter{why}")
 

@@ -424,6 +424,18 @@ def route_to(netns: str | None, destination: IPAddress) -> Route:
     return Route(ipaddress.ip_address(source), str(link.get_attr("IFLA_IFNAME")), mtu)
 
 
+def default_route_devices(netns: str | None) -> list[str]:
+    """The devices of the namespace's default routes (IPv4 and IPv6, main table), sorted."""
+    found: set[str] = set()
+    with netlink(netns) as ipr:
+        for family in (socket.AF_INET, socket.AF_INET6):
+            for route in ipr.get_routes(family=family, table=254):
+                oif = route.get_attr("RTA_OIF")
+                if route["dst_len"] == 0 and oif is not None:
+                    found.add(str(ipr.link("get", index=oif)[0].get_attr("IFLA_IFNAME")))
+    return sorted(found)
+
+
 def link_mtu(netns: str | None, name: str) -> int:
     with netlink(netns) as ipr:
         index = _index(ipr, name)

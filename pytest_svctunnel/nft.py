@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+from collections.abc import Sequence
 
 from .errors import KernelError
 from .protocol import MAGIC, Endpoint
@@ -72,6 +73,37 @@ def table_exists(family: str, name: str, netns: str | None = None) -> bool:
 
 def filter_table(port: int) -> str:
     return f"svctunnel_{port}"
+
+
+HELLO_RATE = 10  # handshake datagrams per second from one address that reach the agent; a client sends 1
+HELLO_BURST = 20
+
+
+def limit_table(port: int) -> str:
+    return f"svctunnel_{port}_hellos"
+
+
+def hello_limit(port: int, devices: Sequence[str]) -> str:
+    """A netdev ingress table on ``devices`` that drops handshake datagrams (UDP to ``port`` starting
+    with the magic) from any one address beyond HELLO_RATE a second. It runs before the kernel hands
+    packets to the agent's hello sockets, so a stranger's flood costs softirq time, not the agent's
+    (or, injected, the application's pod's) CPU; every other address keeps its own allowance."""
+    magic = f"@th,64,{8 * len(MAGIC)} {int.from_bytes(MAGIC, 'big'):#x}"
+    limit = f"limit rate over {HELLO_RATE}/second burst {HELLO_BURST} packets"
+    names = ", ".join(devices)
+    body = (
+        "  set sources4 { type ipv4_addr; size 65535; flags dynamic,timeout; timeout 60s; }\n"
+        "  set sources6 { type ipv6_addr; size 65535; flags dynamic,timeout; timeout 60s; }\n"
+        "  chain ingress {\n"
+        f"    type filter hook ingress devices = {{ {names} }} priority -500; policy accept;\n"
+        f"    meta protocol ip meta l4proto udp udp dport {port} {magic} update @sources4 {{ ip saddr {limit} }}"
+        " counter drop\n"
+        f"    meta protocol ip6 meta l4proto udp udp dport {port} {magic} update @sources6 {{ ip6 saddr {limit} }}"
+        " counter drop\n"
+        f"    meta l4proto udp udp dport {port} {magic} counter\n"  # what reached the agent
+        "  }"
+    )
+    return replace_table("netdev", limit_table(port), body)
 
 
 def pod_filter(port: int, peer: Endpoint | None, pass_handshakes: bool = False) -> str:

@@ -9,12 +9,13 @@ port as source, so the answer follows the flow the hello opened.
 from __future__ import annotations
 
 import ctypes
+import select
 import socket
 import struct
 from types import TracebackType
 
 from .errors import KernelError, PrivilegeError
-from .packets import ETH_P_ALL, UdpDatagram, build_udp, hello_filter, parse_udp
+from .packets import ETH_P_IP, ETH_P_IPV6, UdpDatagram, build_udp, hello_filter, parse_udp
 from .protocol import Endpoint
 
 SO_ATTACH_FILTER = 26
@@ -26,48 +27,55 @@ def _family(endpoint: Endpoint) -> socket.AddressFamily:
 
 
 class HelloTap:
-    """Receives handshake datagrams addressed to ``port``, on one interface or all."""
+    """Receives handshake datagrams addressed to ``port``, on one interface or all.
+
+    One packet socket per IP version, bound to that protocol rather than to every protocol: the
+    kernel hands such sockets a packet only after the interface's ingress hook, so the agent's
+    ingress rate limit (``nft.hello_limit``) drops a stranger's flood before it costs user space.
+    """
 
     def __init__(self, port: int, ifname: str | None = None) -> None:
+        self._socks: list[socket.socket] = []
+        self._programs: list[ctypes.Array[ctypes.c_char]] = []  # the kernel copied them; kept with the sockets
         try:
-            sock = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(ETH_P_ALL))
+            for protocol in (ETH_P_IP, ETH_P_IPV6):
+                self._socks.append(self._open(port, protocol, ifname))
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self, port: int, protocol: int, ifname: str | None) -> socket.socket:
+        try:
+            sock = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(protocol))
         except PermissionError:
             raise PrivilegeError("opening the hello socket needs CAP_NET_RAW; give the agent NET_RAW") from None
-        self._sock = sock
         try:
-            self._program = _attach_filter(sock, port)
+            self._programs.append(_attach_filter(sock, port))
             if ifname:
-                sock.bind((ifname, ETH_P_ALL))
+                sock.bind((ifname, protocol))
         except OSError as exc:
             sock.close()
             on = f" on {ifname}" if ifname else ""
             raise KernelError(f"cannot listen for hellos{on}: {exc.strerror or exc}; check --underlay-dev") from None
-        self._drain()
-
-    def _drain(self) -> None:
-        # Packets queued before the filter was attached passed no filter: drop them.
-        self._sock.setblocking(False)
-        try:
-            while True:
-                self._sock.recv(_RECV_SIZE)
-        except BlockingIOError:
-            pass
-        self._sock.setblocking(True)
-
-    def fileno(self) -> int:
-        return self._sock.fileno()
+        _drain(sock)
+        sock.setblocking(False)
+        return sock
 
     def receive(self, timeout: float) -> UdpDatagram | None:
         """The next handshake datagram, or None after ``timeout`` seconds."""
-        self._sock.settimeout(timeout)
-        try:
-            packet = self._sock.recv(_RECV_SIZE)
-        except (TimeoutError, BlockingIOError):
-            return None
-        return parse_udp(packet)
+        ready, _, _ = select.select(self._socks, [], [], max(timeout, 0.0))
+        for sock in ready:
+            try:
+                packet = sock.recv(_RECV_SIZE)
+            except BlockingIOError:
+                continue
+            return parse_udp(packet)
+        return None
 
     def close(self) -> None:
-        self._sock.close()
+        for sock in self._socks:
+            sock.close()
+        self._socks.clear()
 
     def __enter__(self) -> HelloTap:
         return self
@@ -79,6 +87,16 @@ class HelloTap:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def _drain(sock: socket.socket) -> None:
+    """Packets queued before the filter was attached passed no filter: drop them."""
+    sock.setblocking(False)
+    try:
+        while True:
+            sock.recv(_RECV_SIZE)
+    except BlockingIOError:
+        pass
 
 
 def _attach_filter(sock: socket.socket, port: int) -> ctypes.Array[ctypes.c_char]:

@@ -7,8 +7,10 @@ either tunnel end's configuration, so whatever heals afterwards healed on its ow
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
+import sys
 
 from pytest_svctunnel import device, netns, nft
 from pytest_svctunnel.lab import NO_DAD, Lab, home_rules
@@ -117,3 +119,41 @@ def flush_node_conntrack_pod_first(lab: Lab, timeout: float = 10.0) -> None:
         )
     finally:
         nft.delete_table("inet", "svtblock", lab.plan.ns("home"))
+
+
+HELLO_FLOOD = """
+import os, socket, sys, time
+start = time.monotonic()
+end, rate, sent = start + float(sys.argv[3]), float(sys.argv[4]), 0
+payload = b"SVTN" + os.urandom(60)
+with socket.socket(socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET, socket.SOCK_DGRAM) as s:
+    s.connect((sys.argv[1], int(sys.argv[2])))
+    while (now := time.monotonic()) < end:
+        if rate and sent > rate * (now - start):
+            time.sleep(0.001)
+            continue
+        for _ in range(100):
+            try:
+                s.send(payload)
+            except OSError:
+                pass
+        sent += 100
+print(sent)
+"""
+
+
+def hello_flood_argv(address: str, port: int, seconds: float, rate: float = 0) -> list[str]:
+    """A stranger's flood: datagrams that start with the protocol's magic, ``rate`` a second (0: as fast as
+    one process sends them), for ``seconds``; prints how many it sent."""
+    return [sys.executable, "-c", HELLO_FLOOD, address, str(port), str(seconds), str(rate)]
+
+
+def limiter_counts(ns: str, port: int) -> tuple[int, int]:
+    """(dropped, passed): handshake datagrams the agent's per-source ingress limit (``nft.hello_limit``) has
+    dropped in ``ns``, and those it let through to the agent."""
+    table = json.loads(netns.run(ns, ["nft", "-j", "list", "table", "netdev", nft.limit_table(port)]))
+    rules = [item["rule"]["expr"] for item in table["nftables"] if "rule" in item]
+    counted = [
+        (any("drop" in e for e in rule), e["counter"]["packets"]) for rule in rules for e in rule if "counter" in e
+    ]
+    return sum(n for drop, n in counted if drop), sum(n for drop, n in counted if not drop)

@@ -628,6 +628,8 @@ while True:
 INJECT_SUITE = (
     POD_SUITE_HEAD
     + """
+import json
+
 import pytest
 
 
@@ -647,6 +649,32 @@ def test_the_application_pod_has_the_networks(svctunnel, svctunnel_network):
             assert ping(remote.ip, net.dev), f"no answer from {remote.ip} over {net.dev}"
             back = in_pod("ping", "-c", "1", "-W", "2", "-I", net.pod_dev, str(local.ip))
             assert back.returncode == 0, f"the pod got no answer from {local.ip}: {back.stdout}{back.stderr}"
+
+
+def test_a_hello_flood_stops_at_the_pods_door(svctunnel):
+    import socket
+
+    from pytest_svctunnel import nft
+
+    service, sent = svctunnel.service, 0
+    started = time.monotonic()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as flood:
+        flood.connect((str(service.address), service.port))
+        while time.monotonic() < started + 1.0:
+            for _ in range(200):
+                flood.send(b"SVTN" + bytes(60))
+            sent += 200
+    elapsed = time.monotonic() - started
+    table = in_pod("nft", "-j", "list", "table", "netdev", nft.limit_table(service.port))
+    rules = [item["rule"]["expr"] for item in json.loads(table.stdout)["nftables"] if "rule" in item]
+    counted = [(any("drop" in e for e in r), e["counter"]["packets"]) for r in rules for e in r if "counter" in e]
+    dropped, passed = sum(n for drop, n in counted if drop), sum(n for drop, n in counted if not drop)
+    print(f"hello flood into the application pod: {sent} sent in {elapsed:.2f} s;"
+          f" its kernel dropped {dropped}, {passed} reached the agent")
+    assert dropped > sent // 2, (sent, dropped)
+    # what may pass: a burst, the rate, and the session's own handshake datagrams (hello, confirm, retransmits)
+    assert passed <= nft.HELLO_BURST + nft.HELLO_RATE * (elapsed + 1) + 6, (sent, dropped, passed)
+    assert ping(svctunnel.remote_ipv4.ip, svctunnel.dev)
 """
 )
 

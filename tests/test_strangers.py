@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_svctunnel import keys, netns
+from pytest_svctunnel import keys, netns, nft
 from pytest_svctunnel.lab import Lab
 from pytest_svctunnel.runs import Run
 
@@ -157,3 +157,42 @@ def test_strangers_cannot_disturb_a_running_tunnel(
     assert rss_after - rss_before < 2048, "the agent's memory must stay flat under a flood"
     # the flood never reached the VXLAN device: the pod's packet filter dropped it
     assert dropped_by_nft(lab.plan.ns("pod")) >= 10000
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["own-pod", "injected"])
+def test_a_hello_flood_is_dropped_in_the_kernel_per_source(
+    lab: Lab, key: bytes, key_file: Path, dev: str, connect: type[Connect], strangers: tuple[str, str], shared: bool
+) -> None:
+    """A stranger floods the port with datagrams that start with the magic: beyond a burst, the kernel lets
+    HELLO_RATE a second from that address reach the agent's sockets and drops the rest on the way in, so the
+    agent (in its own pod, or injected into an application's) stays idle, and the tunnel keeps 0 % loss.
+    Removing the agent removes the limit with its port filter. (The CPU and handshake figures under such a
+    flood: benchmarks/hello_flood.py.)"""
+    flooder, _ = strangers
+    service = lab.plan.service(4)
+    agent = lab.start_agent(key, shared_netns=shared)
+    assert agent.pid is not None
+    good = connect(connect_argv(service, key_file, dev, LOCAL4, REMOTE4, LOCAL6, REMOTE6))
+    good.ready_line()
+    pinger = subprocess.Popen(
+        ["ping", "-I", dev, "-i", "0.05", "-c", "40", "-W", "1", REMOTE4.split("/")[0]],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    started, cpu_before = time.monotonic(), _cpu_s(agent.pid)
+    flood = netns.run(flooder, faults.hello_flood_argv(str(service.address), service.port, 2.0), timeout=60)
+    elapsed, cpu = time.monotonic() - started, _cpu_s(agent.pid) - cpu_before
+    sent = int(flood)
+    dropped, passed = faults.limiter_counts(lab.plan.ns("pod"), service.port)
+    print(
+        f"{sent} datagrams in {elapsed:.2f} s: the kernel dropped {dropped}, {passed} reached the agent;"
+        f" agent CPU {1000 * cpu:.0f} ms"
+    )
+    allowed = nft.HELLO_BURST + nft.HELLO_RATE * (elapsed + 1) + 6  # and the good client's handshake datagrams
+    assert dropped > 10 * allowed, "the flood must be a flood, and dropped"
+    assert passed <= allowed
+    assert " 0% packet loss" in pinger.communicate(timeout=60)[0]
+    assert agent.alive() and "peer moved" not in lab.log_text()
+    lab.stop_agent()
+    pod = lab.plan.ns("pod")
+    assert "svctunnel" not in netns.run(pod, ["nft", "list", "ruleset"]), "the agent's tables went with it"
