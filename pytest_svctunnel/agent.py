@@ -178,6 +178,11 @@ class Agent:
         """
         now = time.monotonic()
         idle = self.settings.idle_exit
+        if idle is not None and now - self._last_word > idle and self.settings.stay_after_goodbye:
+            if self.status.networks:  # a sidecar: its pod outlives sessions, and the kubelet would restart it
+                self._forget_peer(f"no word from a peer for {now - self._last_word:.0f} s: removed every network")
+            self._last_word = now
+            return
         if idle is not None and now - self._last_word > idle:
             self.teardown(f" after {now - self._last_word:.0f} s without a word from a peer (idle exit {idle:g} s)")
             self.finished = True
@@ -297,8 +302,13 @@ class Agent:
         self._send(message, self._ack(datagram.source), datagram)
 
     def _farewell(self, message: Message, datagram: UdpDatagram) -> None:
-        """Remove everything, then say goodbye back (so the sender knows it is done) and finish."""
+        """Remove everything, then say goodbye back (so the sender knows it is done) and finish; a
+        sidecar (``stay_after_goodbye``) removes the networks only and waits for a new hello."""
         self.status.counters["goodbyes"] += 1
+        if self.settings.stay_after_goodbye:
+            self._forget_peer(f"removed every network on a goodbye from {datagram.source}; waiting for a new hello")
+            self._send(message, Goodbye(), datagram)
+            return
         self.teardown(f" on a goodbye from {datagram.source}")
         self._send(message, Goodbye(), datagram)
         self.finished = True
@@ -307,10 +317,14 @@ class Agent:
         """An authenticated hello that cannot be built: undo it all, stay up, answer nothing."""
         self.status.counters["build-failed"] += 1
         log.error("could not build the requested networks: %s", exc)
+        self._forget_peer("removed what was built; waiting for a new hello")
+
+    def _forget_peer(self, why: str) -> None:
+        """Remove the networks, close the port to everyone, and wait (mute) for a new hello."""
         self._remove_networks()
         self.status.peer, self.status.mtu, self._committed_nonce = None, 0, None
         nft.apply(nft.pod_filter(self.settings.port, None, self.settings.host_network))
-        self._set_state("waiting", "removed what was built; waiting for a new hello")
+        self._set_state("waiting", why)
 
     def _remove_networks(self) -> None:
         for net in list(self.status.networks.values()):

@@ -49,6 +49,9 @@ class AgentSettings:
     # the namespace belongs to an application (an injected agent): the agent never takes over a
     # link or a port filter it did not create
     shared_netns: bool = False
+    # a goodbye removes the networks but the agent goes on waiting for hellos (a sidecar, which the
+    # kubelet would restart, and whose pod belongs to someone else)
+    stay_after_goodbye: bool = False
 
 
 @dataclass(frozen=True)
@@ -86,6 +89,12 @@ SETTINGS: tuple[_Setting, ...] = (
         "shared_netns",
         parse_bool,
         "the network namespace is an application's: never take over a link or port filter found there",
+        boolean=True,
+    ),
+    _Setting(
+        "stay_after_goodbye",
+        parse_bool,
+        "a goodbye removes the networks, and the agent waits for a new hello instead of exiting",
         boolean=True,
     ),
 )

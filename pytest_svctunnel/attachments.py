@@ -12,13 +12,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .backends.kubernetes.client import Cluster, connect
 from .backends.kubernetes.inject import InjectedEnd, InjectedPlacement, InjectOptions, find_pods
-from .backends.kubernetes.preconditions import check_injection
+from .backends.kubernetes.preconditions import check_injection, check_sidecar
+from .backends.kubernetes.sidecar import SidecarEnd, sidecar_placement
 from .config import TunnelConfig
 from .connector import ConnectSettings, ExternalEnd
 from .errors import ConfigError
@@ -31,6 +32,8 @@ from .waiting import Deadline, Stopwatch
 
 if TYPE_CHECKING:
     from .session import EndCounter
+
+_AnyEnd = TypeVar("_AnyEnd", bound=InjectedEnd)
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,7 @@ class Attachment:
         self.stopwatch = stopwatch or Stopwatch()
         self.tunnels: dict[str, PodTunnel] = {}  # by pod name
         self.ends: list[tuple[InjectedEnd, ExternalEnd | None]] = []
+        self._records: dict[int, str] = {}  # id(end) -> its record in the run's state directory
         self._stack = ExitStack()
         self._cluster: Cluster | None = None
 
@@ -118,31 +122,44 @@ class Attachment:
     def _connect(
         self, cluster: Cluster, target: Target, pod: str, nets: tuple[Network, ...], options: InjectOptions
     ) -> None:
-        c, index = self.config, self.counter.next_end()
+        index = self.counter.next_end()
         place = InjectedPlacement.of(self.run.id, target.namespace, pod, index)
-        record = f"{INJECTED_PREFIX}{index}.json"
-        self.run.write(record, self._record(place, None))
-        end = InjectedEnd(self.run.id, cluster, place, options)
+        end = self._register(InjectedEnd(self.run.id, cluster, place, options), f"{INJECTED_PREFIX}{index}.json")
+        self._open_end(end, nets)
+
+    def _register(self, end: _AnyEnd, record: str) -> _AnyEnd:
+        """Put the end on record (for 'svctunnel reap') and on the undo stack."""
+        kind = "sidecar" if isinstance(end, SidecarEnd) else "injected"
+        self.run.write(record, self._record(end.place, None, kind))
+        self._records[id(end)] = record
 
         def undo() -> None:
-            end.teardown(Deadline.after(c.timeout))
+            end.teardown(Deadline.after(self.config.timeout))
             self.run.forget(record)  # only after a clean teardown: else 'svctunnel reap' finishes it
 
         self._stack.callback(undo)
         self.ends.append((end, None))
+        return end
+
+    def _open_end(self, end: InjectedEnd, nets: tuple[Network, ...]) -> None:
+        """Deploy (or wait for) the pod end, then open the tunnel to it."""
+        c = self.config
         service = end.deploy(self.key, Deadline.after(c.timeout), self.stopwatch)
-        self.run.write(record, self._record(place, service))
+        kind = "sidecar" if isinstance(end, SidecarEnd) else "injected"
+        self.run.write(self._records[id(end)], self._record(end.place, service, kind))
+        nets = tuple(replace(n, pod=end.place.pod) for n in nets)
         settings = ConnectSettings(service, self.key, nets, c.timeout, c.underlay_dev, c.keepalive, c.misses)
         external = ExternalEnd(settings, self.stopwatch, end.check)
         self._stack.callback(external.close)
-        self.ends[-1] = (end, external)
+        self.ends = [(e, external if e is end else x) for e, x in self.ends]
         conn = external.open()
-        self.tunnels[pod] = PodTunnel(target.namespace, pod, conn.networks, service, conn.peer)
+        self.tunnels[end.place.pod] = PodTunnel(end.place.namespace, end.place.pod, conn.networks, service, conn.peer)
 
-    def _record(self, place: InjectedPlacement, service: Endpoint | None) -> dict[str, Any]:
+    def _record(self, place: InjectedPlacement, service: Endpoint | None, kind: str = "injected") -> dict[str, Any]:
         from .keys import key_text
 
         return {
+            "kind": kind,
             "kubeconfig": self.config.kubeconfig,
             "context": self.config.context,
             "placement": place.record(),
@@ -181,3 +198,58 @@ class Attachment:
                 parts.append((f"external end to {title}", external.status.render()))
             parts += end.diagnostics()
         return parts
+
+
+class Sidecar(Attachment):
+    """Networks into a pod the suite is about to create, there before its application starts.
+
+    ``open`` creates the Secret and the Service and fills in ``container`` (for the pod's
+    ``initContainers``) and ``labels`` (for the pod's labels); create the pod, then ``wait``
+    returns once its sidecar has the tunnel up (only then does the kubelet start the pod's main
+    containers). ``close`` (or the session's end) removes the Secret and the Service and tells the
+    sidecar to remove its networks; the pod is the suite's."""
+
+    def __init__(
+        self,
+        config: TunnelConfig,
+        run: Run,
+        key: bytes,
+        networks: Sequence[Network],
+        counter: EndCounter,
+        namespace: str,
+        stopwatch: Stopwatch | None = None,
+    ) -> None:
+        super().__init__(config, run, key, networks, counter, (), stopwatch)
+        self.namespace = namespace
+        self.container: dict[str, Any] = {}
+        self.labels: dict[str, str] = {}
+        self._end: SidecarEnd | None = None
+        self.ready = False  # wait() returned: the tunnel was up
+
+    def _open(self) -> None:
+        c = self.config
+        deadline = Deadline.after(c.timeout)
+        cluster = self._cluster = connect(c.kubeconfig, c.context)
+        self._stack.callback(cluster.close)
+        check_sidecar(cluster, self.namespace, deadline)
+        index = self.counter.next_end()
+        place = sidecar_placement(self.run.id, self.namespace, index)
+        options = InjectOptions(c.port, c.peer, c.image, c.service_type, c.idle_exit)
+        end = self._end = self._register(
+            SidecarEnd(self.run.id, cluster, place, options), f"{INJECTED_PREFIX}{index}.json"
+        )
+        self.container = end.prepare(self.key, deadline)
+        self.labels = {place.label_key: place.label_value}
+        self.stopwatch.lap("objects created")
+
+    def wait(self) -> Sidecar:
+        """Wait for the pod, its sidecar and the tunnel; on failure everything is removed."""
+        assert self._end is not None, "open() first"
+        try:
+            self._open_end(self._end, self.planned)
+        except BaseException:
+            with shield():
+                self._stack.close()
+            raise
+        self.ready = True
+        return self

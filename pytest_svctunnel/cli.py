@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import ipaddress
 import logging
 import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, NoReturn
 
 from . import agentsettings, keys, names
 from .agent import run_agent
+from .backends.kubernetes.options import DEFAULT_IMAGE, SERVICE_TYPES
+from .config import parse_namespace
 from .connector import ConnectSettings, ExternalEnd
 from .errors import ConfigError, SvcTunnelError
 from .goodbye import say_goodbye
@@ -68,6 +72,9 @@ def _iface(version: int) -> Callable[[str], Any]:
     return parse
 
 
+_object_name = _argument(parse_namespace)
+
+
 def _service(text: str) -> Endpoint:
     host, port = text, str(DEFAULT_PORT)
     if text.startswith("["):
@@ -103,10 +110,21 @@ def build_parser() -> argparse.ArgumentParser:
     connect.add_argument("--remote-ipv4", type=_iface(4), help="the pod end's IPv4 address")
     connect.add_argument("--remote-ipv6", type=_iface(6), help="the pod end's IPv6 address")
     connect.add_argument("--dev", type=_dev, default="vxlan0")
+    connect.add_argument("--pod-dev", type=_dev, help="the device's name in the pod (default: as --dev)")
     connect.add_argument("--timeout", type=_timeout, default=30.0, help="handshake deadline in seconds")
     connect.add_argument("--underlay-dev", type=_dev)
     connect.add_argument("--keepalive", type=_timeout, default=5.0, help="seconds between keepalives (default 5)")
     connect.add_argument("--misses", type=_misses, default=3, help="missed keepalives before re-handshake (default 3)")
+
+    sidecar = sub.add_parser(
+        "sidecar", help="print the YAML of a pod's svctunnel sidecar (its network is there before the application)"
+    )
+    sidecar.add_argument("--name", type=_object_name, required=True, help="names the Secret, Service and pod label")
+    sidecar.add_argument("--namespace", type=_object_name, help="the pod's namespace (default: kubectl's)")
+    sidecar.add_argument("--image", default=DEFAULT_IMAGE, help=f"the agent image (default {DEFAULT_IMAGE})")
+    sidecar.add_argument("--port", type=_port, default=DEFAULT_PORT)
+    sidecar.add_argument("--service-type", choices=SERVICE_TYPES, default="LoadBalancer")
+    sidecar.add_argument("--key-file", required=True, help="the session key; a new one is written if it is missing")
 
     goodbye = sub.add_parser(
         "goodbye", help="end the agent behind a Service: it removes its devices and port filter, then exits"
@@ -169,6 +187,7 @@ def _raise_stop(_signum: int, _frame: object) -> None:
 def _connect(args: argparse.Namespace) -> int:
     key = keys.read_key_file(args.key_file)
     net = single_network(args.dev, args.vni, args.ipv4, args.ipv6, args.remote_ipv4, args.remote_ipv6)
+    net = dataclasses.replace(net, pod_dev=args.pod_dev)
     require_net_admin("svctunnel connect")
     settings = ConnectSettings(args.service, key, (net,), args.timeout, args.underlay_dev, args.keepalive, args.misses)
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -196,6 +215,17 @@ def _connect(args: argparse.Namespace) -> int:
     finally:
         end.close()
     return 0 if ready else 130
+
+
+def _sidecar(args: argparse.Namespace) -> int:
+    from .backends.kubernetes.sidecar import render_for_manifests
+
+    path = Path(args.key_file)
+    if not path.exists():
+        keys.write_key_file(path, keys.new_key())
+    key = keys.read_key_file(args.key_file)
+    print(render_for_manifests(args.name, args.namespace, args.image, keys.key_text(key), args.port, args.service_type))
+    return 0
 
 
 def _goodbye(args: argparse.Namespace) -> int:
@@ -257,6 +287,7 @@ def _reap(args: argparse.Namespace) -> int:
 
 _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "keygen": _keygen,
+    "sidecar": _sidecar,
     "agent": _agent,
     "connect": _connect,
     "goodbye": _goodbye,

@@ -13,7 +13,7 @@ from .stash import STASH, PluginStash
 from .targets import Target, parse_target
 
 if TYPE_CHECKING:
-    from .attachments import Attachment
+    from .attachments import Attachment, Sidecar
     from .session import Tunnel, TunnelSession
 
 AttachNetworks = str | Sequence[str] | Mapping[str, Mapping[str, Any]]
@@ -98,6 +98,33 @@ def svctunnel_attach(request: pytest.FixtureRequest) -> Callable[..., Attachment
         return attachment
 
     return attach
+
+
+@pytest.fixture(scope="session")
+def svctunnel_sidecar(request: pytest.FixtureRequest) -> Callable[..., Sidecar]:
+    """Session scope. A factory for pods whose application must find its interfaces at start:
+    ``svctunnel_sidecar(namespace, networks=("net1",))`` creates the Secret and the Service and
+    returns a ``Sidecar``: put ``.container`` into the pod's ``initContainers`` and ``.labels`` into
+    its labels, create the pod, then ``.wait()`` returns once the tunnel is up (the kubelet starts
+    the pod's main containers only then). ``networks`` as for ``svctunnel_attach``. One pod per
+    sidecar; a context manager, or removed at the session's end (the pod is yours to delete)."""
+    state, session = _tunnel_session(request)
+
+    def sidecar(namespace: str, networks: AttachNetworks = ("net1",)) -> Sidecar:
+        failure: SvcTunnelError | None = None
+        try:
+            target, requests = _attach_request(f"{namespace}/svctunnel-sidecar", networks)
+            made = session.sidecar(target.namespace, requests)
+        except SvcTunnelError as exc:
+            failure = exc
+        if failure is not None:
+            pytest.fail(f"svctunnel_sidecar: {failure}", pytrace=False)
+        state.late_notes.append(
+            lambda: f"sidecar in {namespace} ready in {made.stopwatch.render()}" if made.ready else None
+        )
+        return made
+
+    return sidecar
 
 
 def _attach_request(target: str | Target, networks: AttachNetworks) -> tuple[Target, list[NetworkRequest]]:

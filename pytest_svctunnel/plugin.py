@@ -11,17 +11,19 @@ import pytest
 from . import interrupts
 from .config import OPTIONS, resolve
 from .errors import ConfigError
-from .fixtures import svctunnel, svctunnel_attach, svctunnel_network, svctunnel_networks
+from .fixtures import svctunnel, svctunnel_attach, svctunnel_network, svctunnel_networks, svctunnel_sidecar
 from .names import device_names, new_run_id
 from .networks import NetworkRequest, check_targets_need_a_cluster, parse_request, plan_networks
 from .runs import Run
 from .shield import shield
 from .stash import STASH, PluginStash
 
-__all__ = ["svctunnel", "svctunnel_attach", "svctunnel_network", "svctunnel_networks"]
+__all__ = ["svctunnel", "svctunnel_attach", "svctunnel_network", "svctunnel_networks", "svctunnel_sidecar"]
 
 MARKER = "svctunnel_network"
-TUNNEL_FIXTURES = frozenset({"svctunnel", "svctunnel_network", "svctunnel_networks", "svctunnel_attach"})
+TUNNEL_FIXTURES = frozenset(
+    {"svctunnel", "svctunnel_network", "svctunnel_networks", "svctunnel_attach", "svctunnel_sidecar"}
+)
 _MARKER_USAGE = f"{MARKER}(name, *, ipv4=None, ipv6=None, vni=None, target=None, pod_dev=None)"
 _MARKER_DOC = (
     f"{_MARKER_USAGE}: ask for an extra tunnel network built in the same session; ipv4/ipv6 are"
@@ -177,6 +179,7 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: p
     state = config.stash.get(STASH, None)
     if state is None:
         return
-    for note in (state.setup_note, *state.attach_notes, state.kept_note):
+    late = [note() for note in state.late_notes]
+    for note in (state.setup_note, *state.attach_notes, *late, state.kept_note):
         if note:
             terminalreporter.write_line(f"svctunnel: {note}")

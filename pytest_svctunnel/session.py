@@ -26,7 +26,7 @@ from .values import IPAddress
 from .waiting import Deadline, Stopwatch
 
 if TYPE_CHECKING:  # the Kubernetes client loads only when a network goes into a pod
-    from .attachments import Attachment
+    from .attachments import Attachment, Sidecar
 
 
 class EndCounter:
@@ -222,6 +222,21 @@ class TunnelSession:
         attachment.open()
         self._stack.callback(attachment.close)  # a no-op once the test closed it
         return attachment
+
+    def sidecar(self, namespace: str, requests: Sequence[NetworkRequest]) -> Sidecar:
+        """A sidecar for a pod the suite is about to create in ``namespace``, with one network per
+        request; its Secret and Service exist when this returns (see ``attachments.Sidecar``)."""
+        from .attachments import Sidecar
+
+        require_net_admin("svctunnel_sidecar")
+        target = Target(namespace, selector=f"svctunnel.dev/sidecar-{self.run_id}")
+        taken = self.built_networks()
+        planned = plan_attached(requests, target, taken, self.counter.next_dev, self.config.vni)
+        sidecar = Sidecar(self.config, self._ensure_run(), self._key, planned, self.counter, namespace)
+        self._attachments.append(sidecar)
+        sidecar.open()
+        self._stack.callback(sidecar.close)
+        return sidecar
 
     def _forget_run_when_clean(self, kind: type[BaseException] | None, _exc: object, _tb: object) -> bool:
         """The last undo step: remove the run's record only when every other step succeeded."""

@@ -3,6 +3,7 @@ disk is ``runs.Run``)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -26,6 +27,7 @@ class PluginStash:
     kept_note: str | None = None
     setup_note: str | None = None
     attach_notes: list[str] = field(default_factory=list)
+    late_notes: list[Callable[[], str | None]] = field(default_factory=list)  # rendered at the summary
 
 
 STASH = pytest.StashKey[PluginStash]()

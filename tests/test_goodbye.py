@@ -87,3 +87,30 @@ def test_an_agent_left_alone_cleans_up_and_exits(
     print(f"exited {time.monotonic() - stopped:.2f} s after the external end stopped (idle exit {idle:g} s)")
     assert pod_state(lab) == ("", ""), "the agent left a device or its table"
     assert "without a word from a peer (idle exit 2 s)" in lab.log_text(), lab.log_text()
+
+
+def test_a_sidecar_removes_its_networks_on_a_goodbye_and_stays(
+    lab: Lab, key: bytes, key_file: Path, connect: type[Connect], dev: str
+) -> None:
+    """A sidecar (stay_after_goodbye) must not exit: the kubelet would restart it. A goodbye removes its
+    networks and closes the port to everyone again; it keeps listening, and a new session gets a tunnel;
+    idle_exit does the same without a goodbye."""
+    lab.agent.start(AgentSettings(key=key, port=lab.plan.port, stay_after_goodbye=True, shared_netns=True, idle_exit=2))
+    argv = ["--service", str(lab.plan.service(4)), "--key-file", str(key_file), "--dev", dev]
+    first = connect(argv)
+    first.ready_line()
+    done = goodbye(lab, key_file)
+    assert done.returncode == 0, done.stdout + done.stderr
+    time.sleep(0.5)
+    assert lab.agent.alive()
+    links, tables = pod_state(lab)
+    assert links == "" and "svctunnel_5533" in tables, (links, tables)
+    assert "removed every network on a goodbye from" in lab.log_text()
+    first.stop()
+    again = connect(argv)
+    again.ready_line()
+    assert ping("10.30.30.1", dev).returncode == 0
+    again.stop()
+    idle = "no word from a peer for"
+    wait_until(lambda: idle in lab.log_text(), "the idle sidecar's networks removed", seconds=15)
+    assert pod_state(lab)[0] == "" and lab.agent.alive(), lab.log_text()

@@ -84,3 +84,46 @@ def test_the_secret_holds_the_key() -> None:
         "labels": {"app.kubernetes.io/name": "svctunnel", RUN_LABEL: "abc123"},
     }
     assert keys.parse_key(secret["stringData"]["key"], "the Secret") == key
+
+
+def test_the_sidecar_waits_for_the_tunnel_and_never_decides_readiness() -> None:
+    from pytest_svctunnel.backends.kubernetes.sidecar import sidecar_container
+
+    key = keys.new_key()
+    container = sidecar_container("svctunnel-abc123-s1", "img", AgentSettings(key=key, port=6000, idle_exit=600.0))
+    assert container["restartPolicy"] == "Always", "a native sidecar: an init container that keeps running"
+    assert container["startupProbe"]["exec"]["command"] == ["test", "-e", "/tmp/svctunnel-ready"]
+    assert container["startupProbe"]["periodSeconds"] * container["startupProbe"]["failureThreshold"] >= 600
+    assert "readinessProbe" not in container and "livenessProbe" not in container
+    assert container["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["NET_ADMIN", "NET_RAW"]}
+    values = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+    settings = resolve({}, {**values, "SVCTUNNEL_KEY": keys.key_text(key)})
+    assert (settings.port, settings.idle_exit, settings.shared_netns, settings.stay_after_goodbye) == (
+        6000,
+        600.0,
+        True,
+        True,
+    )
+    assert str(settings.ready_file) == "/tmp/svctunnel-ready"
+
+
+def test_svctunnel_sidecar_prints_what_a_manifest_needs() -> None:
+    import yaml
+
+    from pytest_svctunnel.backends.kubernetes.sidecar import render_for_manifests
+
+    key = keys.new_key()
+    text = render_for_manifests("upf", "cnf", "reg.example/agent:1", keys.key_text(key), 6000, "NodePort")
+    secret, service = yaml.safe_load_all(text)
+    assert (secret["kind"], secret["metadata"]["namespace"], secret["stringData"]["key"]) == (
+        "Secret",
+        "cnf",
+        keys.key_text(key),
+    )
+    assert service["spec"]["selector"] == {"svctunnel.dev/sidecar": "upf"} and service["spec"]["type"] == "NodePort"
+    pasted = yaml.safe_load("\n".join(line[4:] for line in text.splitlines() if line.startswith("#   ")))
+    (container,) = pasted["spec"]["initContainers"]
+    assert pasted["metadata"]["labels"] == {"svctunnel.dev/sidecar": "upf"}
+    assert container["image"] == "reg.example/agent:1" and container["restartPolicy"] == "Always"
+    assert container["env"][0]["valueFrom"]["secretKeyRef"]["name"] == "upf"
+    assert "--service ADDRESS:6000 --key-file KEY_FILE --pod-dev net1" in text

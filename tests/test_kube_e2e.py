@@ -939,3 +939,115 @@ def test_an_injection_the_cluster_refuses_fails_before_anything_is_created(
         assert_run_left_nothing(cluster, run_id, output)
     finally:
         core.delete_namespace(namespace)
+
+
+SIDECAR_SUITE = (
+    POD_SUITE_HEAD
+    + '''
+import pytest
+
+APP = """
+import socket, sys, time
+try:
+    index = socket.if_nametoindex("net1")
+except OSError:
+    print("no net1 at start", flush=True)
+    sys.exit(1)
+print(f"found net1 at start (index {index})", flush=True)
+while True:
+    time.sleep(3600)
+"""
+
+
+def app_log(core, namespace):
+    try:
+        return core.read_namespaced_pod_log("app", namespace, container="app")
+    except client.exceptions.ApiException:  # 400 while the kubelet holds the container (PodInitializing)
+        return ""
+
+
+def ready(pod):
+    return any(c.type == "Ready" and c.status == "True" for c in pod.status.conditions or [])
+
+
+def wait_until(what, check, seconds=60):
+    end = time.monotonic() + seconds
+    while not (found := check()):
+        assert time.monotonic() < end, f"not within {seconds} s: {what}"
+        time.sleep(0.2)
+    return found
+
+
+@pytest.fixture
+def app(svctunnel_sidecar):
+    namespace = os.environ["E2E_NAMESPACE"]
+    core = client.CoreV1Api(config.new_client_from_config(config_file=os.environ["SVCTUNNEL_KUBECONFIG"]))
+    with svctunnel_sidecar(namespace, ["net1"]) as sidecar:
+        application = {"name": "app", "image": "svctunnel-agent:0.1.0", "imagePullPolicy": "Never",
+                       "command": ["python3", "-c", APP]}
+        pod = {
+            "metadata": {"name": "app", "labels": {"app": "e2e-side", **sidecar.labels}},
+            "spec": {"terminationGracePeriodSeconds": 1, "initContainers": [sidecar.container],
+                     "containers": [application]},
+        }
+        core.create_namespaced_pod(namespace, pod)
+        sidecar.wait()
+        yield sidecar, core, namespace
+
+
+def test_the_application_finds_its_interface_at_start(app):
+    sidecar, core, namespace = app
+    net = sidecar.networks["net1"]
+    assert net.pod == "app" and net.pod_dev == "net1"
+    assert ping(net.remote_ipv4.ip, net.dev) and ping(net.remote_ipv6.ip, net.dev)
+    log = wait_until("the application's first line", lambda: app_log(core, namespace))
+    assert "found net1 at start" in log, log
+    pod = wait_until("the pod Ready", lambda: (p := core.read_namespaced_pod("app", namespace)) and ready(p) and p)
+    statuses = {s.name: s for s in [*pod.status.init_container_statuses, *pod.status.container_statuses]}
+    assert statuses["app"].restart_count == 0 and statuses["svctunnel"].restart_count == 0
+    # the tunnel does not decide the pod's readiness: with this end gone, the pod stays Ready
+    sidecar.close()
+    time.sleep(3)
+    pod = core.read_namespaced_pod("app", namespace)
+    assert ready(pod), pod.status.conditions
+    statuses = {s.name: s for s in [*pod.status.init_container_statuses, *pod.status.container_statuses]}
+    assert statuses["svctunnel"].state.running is not None and statuses["svctunnel"].restart_count == 0
+    print("the sidecar held the application until net1 existed; Ready does not follow the tunnel")
+'''
+)
+
+
+def test_a_sidecar_holds_the_application_until_its_interface_exists(
+    pytester: pytest.Pytester, cluster: TestCluster
+) -> None:
+    """The sidecar way: the suite's fixture creates a pod with svctunnel_sidecar's container and labels; the
+    kubelet starts the application only once the sidecar's startupProbe saw the tunnel up, so the
+    application's first act finds net1 (it would exit otherwise, and restart). The pod's Ready condition does
+    not follow the tunnel. After the session the sidecar has removed its networks and still runs, its port
+    closed to everyone; once the pod is deleted, nothing of the run is left."""
+    core = client.CoreV1Api(cluster.api)
+    namespace = create_app_namespace(cluster)
+    try:
+        os.environ["E2E_NAMESPACE"] = namespace
+        try:
+            pytester.makepyfile(test_sidecar=SIDECAR_SUITE)
+            result, run_id = run_inner(pytester, cluster)
+        finally:
+            del os.environ["E2E_NAMESPACE"]
+        output = result.stdout.str()
+        assert result.ret == pytest.ExitCode.OK, output
+        result.stdout.fnmatch_lines(["*the sidecar held the application*", "svctunnel: sidecar in * ready in *"])
+        pod = core.read_namespaced_pod("app", namespace)
+        pid = node_of(cluster, pod).pod_pid(namespace, "app")
+        links, rules = pod_network_state(pid).split("$ nft list ruleset")
+        assert "net1" not in links and "vxlan" not in links, links
+        port_filter = rules.split("table inet svctunnel_5533", 1)[1]
+        assert "accept;" in port_filter and " accept" not in port_filter.replace("policy accept;", ""), rules
+        core.delete_namespaced_pod("app", namespace)  # graceful: gone from the API once the kubelet stopped it
+        end = time.monotonic() + 60
+        while core.list_namespaced_pod(namespace).items:
+            assert time.monotonic() < end, "the pod was not deleted within 60 s"
+            time.sleep(0.3)
+        assert_run_left_nothing(cluster, run_id, output)
+    finally:
+        core.delete_namespace(namespace)

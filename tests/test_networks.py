@@ -595,3 +595,38 @@ def test_a_network_in_several_pods_is_found_by_pod() -> None:
         networks.pods("media")
     one = NetworkMap(spread_over_pods(planned, {UPF: ["upf-a"]}, counter()))
     assert one["default"].pod == "upf-a" and list(one.pods("default")) == ["upf-a"]
+
+
+@pytest.mark.parametrize(
+    ("target", "networks", "expected"),
+    [
+        ("cnf", ["net1"], "svctunnel_attach: target 'cnf' is not NAMESPACE/SELECTOR or NAMESPACE/NAME"),
+        ("cnf/app=upf", [], "give at least one network name"),
+        (
+            "cnf/app=upf",
+            {"net1": {"ipv5": "x"}},
+            "network 'net1' has unknown settings ipv5; use ipv4, ipv6, vni, pod_dev",
+        ),
+        (
+            "cnf/app=upf",
+            ["a-name-too-long-for-a-device"],
+            "pod_dev='a-name-too-long-for-a-device' is not a device name",
+        ),
+        ("cnf/app=upf", {"net1": {"ipv4": "10.1.1.1/30"}}, "svctunnel_attach: ipv4='10.1.1.1/30' is not a network"),
+    ],
+)
+def test_attach_arguments_are_checked_before_anything_happens(target: str, networks: Any, expected: str) -> None:
+    from pytest_svctunnel.fixtures import _attach_request
+
+    with pytest.raises(ConfigError) as error:
+        _attach_request(target, networks)
+    assert expected in str(error.value)
+
+
+def test_attach_arguments_name_the_pod_devices() -> None:
+    from pytest_svctunnel.fixtures import _attach_request
+
+    target, requests = _attach_request("cnf/app=upf", "net1")
+    assert target == UPF and [(r.name, r.pod_dev, r.target) for r in requests] == [("net1", "net1", UPF)]
+    _, requests = _attach_request(UPF, {"media": {"pod_dev": "eth9", "vni": 4000}})
+    assert [(r.name, r.pod_dev, r.vni) for r in requests] == [("media", "eth9", 4000)]

@@ -17,7 +17,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from ... import diagnostics, names
 from ...agentsettings import AgentSettings, to_env
@@ -104,12 +104,18 @@ def find_pods(cluster: Cluster, target: Target, deadline: Deadline) -> list[Any]
 
 def ephemeral_container(place: InjectedPlacement, image: str, agent: AgentSettings) -> dict[str, Any]:
     """The agent's ephemeral container: the key from the Secret, the settings as variables."""
+    return agent_container(place.container, place.secret, image, agent)
+
+
+def agent_container(name: str, secret: str, image: str, agent: AgentSettings) -> dict[str, Any]:
+    """The agent as a container in someone's pod: the key from ``secret``, the settings as variables,
+    NET_ADMIN and NET_RAW only, and root in its own right."""
     env: list[dict[str, Any]] = [
-        {"name": "SVCTUNNEL_KEY", "valueFrom": {"secretKeyRef": {"name": place.secret, "key": "key"}}}
+        {"name": "SVCTUNNEL_KEY", "valueFrom": {"secretKeyRef": {"name": secret, "key": "key"}}}
     ]
     env += [{"name": name, "value": value} for name, value in to_env(agent).items()]
     return {
-        "name": place.container,
+        "name": name,
         "image": image,
         "imagePullPolicy": "IfNotPresent",
         "command": ["svctunnel", "agent"],
@@ -148,6 +154,9 @@ def _labels(run_id: str) -> dict[str, str]:
     return {"app.kubernetes.io/name": "svctunnel", names.RUN_LABEL: run_id}
 
 
+_End = TypeVar("_End", bound="InjectedEnd")
+
+
 class InjectedEnd:
     """The pod end as an ephemeral container in the pod ``place`` names; a ``Backend``.
 
@@ -169,24 +178,10 @@ class InjectedEnd:
         p, o, core = self.place, self.options, self.cluster.core
         self._key = key
         agent = AgentSettings(key=key, port=o.port, peer=o.peer, idle_exit=o.idle_exit, shared_netns=True)
-        self._created.append("secret")
-        self.cluster.call(
-            f"creating Secret {p.secret} in {p.namespace}",
-            core.create_namespaced_secret,
-            p.namespace,
-            secret_manifest(p, self.run_id, key_text(key)),
-            deadline=deadline,
-        )
+        self._create_secret(key, deadline)
         self._created.append("label")
         self._patch_label(p.label_value, deadline)
-        self._created.append("service")
-        self.cluster.call(
-            f"creating Service {p.service} in {p.namespace}",
-            core.create_namespaced_service,
-            p.namespace,
-            service_manifest(p, self.run_id, o),
-            deadline=deadline,
-        )
+        self._create_service(deadline)
         stopwatch.lap("objects created")
         self._created.append("container")
         self.cluster.call(
@@ -204,6 +199,28 @@ class InjectedEnd:
         stopwatch.lap("load-balancer address" if o.service_type == "LoadBalancer" else "node port")
         self._service_endpoint = endpoint
         return endpoint
+
+    def _create_secret(self, key: bytes, deadline: Deadline) -> None:
+        p = self.place
+        self._created.append("secret")
+        self.cluster.call(
+            f"creating Secret {p.secret} in {p.namespace}",
+            self.cluster.core.create_namespaced_secret,
+            p.namespace,
+            secret_manifest(p, self.run_id, key_text(key)),
+            deadline=deadline,
+        )
+
+    def _create_service(self, deadline: Deadline) -> None:
+        p = self.place
+        self._created.append("service")
+        self.cluster.call(
+            f"creating Service {p.service} in {p.namespace}",
+            self.cluster.core.create_namespaced_service,
+            p.namespace,
+            service_manifest(p, self.run_id, self.options),
+            deadline=deadline,
+        )
 
     def _patch_label(self, value: str | None, deadline: Deadline) -> None:
         p = self.place
@@ -400,11 +417,12 @@ class InjectedEnd:
             )
 
     @classmethod
-    def from_record(cls, run_id: str, cluster: Cluster, record: dict[str, Any]) -> InjectedEnd:
+    def from_record(cls: type[_End], run_id: str, cluster: Cluster, record: dict[str, Any]) -> _End:
         """The end a run recorded (``Attachment`` writes the records), to be torn down by a reaper."""
         place = InjectedPlacement.from_record(dict(record.get("placement") or {}))
         end = cls(run_id, cluster, place, InjectOptions(0, None, "", "", float(record.get("idle_exit") or 0)))
-        end._created = ["secret", "label", "service", "container"]  # whatever of it exists
+        labelled = place.label_key == injected_label(run_id)  # a sidecar's label is in its owner's pod spec
+        end._created = ["secret", *(["label"] if labelled else []), "service", "container"]  # what may exist
         service = record.get("service")
         if isinstance(service, dict) and record.get("key"):
             end._key = parse_key(str(record["key"]), "the run's record")
@@ -444,10 +462,12 @@ def remove_recorded(run_id: str, record: dict[str, Any], deadline: Deadline) -> 
     """End a recorded injected agent with a goodbye and remove what its run added to the pod's
     namespace (for 'svctunnel reap')."""
     from .client import connect
+    from .sidecar import SidecarEnd
 
+    kind = SidecarEnd if record.get("kind") == "sidecar" else InjectedEnd
     cluster = connect(record.get("kubeconfig"), record.get("context"))
     try:
-        InjectedEnd.from_record(run_id, cluster, record).teardown(deadline)
+        kind.from_record(run_id, cluster, record).teardown(deadline)
     finally:
         cluster.close()
 

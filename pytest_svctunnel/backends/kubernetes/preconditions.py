@@ -49,16 +49,34 @@ INJECTION_NEEDS = (
 )
 
 
-def version_problem(major: str, minor: str) -> str | None:
+# what a sidecar needs: its Secret and Service, and finding its pod
+SIDECAR_NEEDS = (
+    Permission("list", "pods"),
+    Permission("get", "pods"),
+    Permission("create", "services"),
+    Permission("delete", "services"),
+    Permission("get", "services"),
+    Permission("create", "secrets"),
+    Permission("delete", "secrets"),
+)
+SIDECAR_SINCE = (1, 29)  # restartable init containers, on by default from this release on
+
+
+def version_problem(major: str, minor: str, since: tuple[int, int] = EPHEMERAL_SINCE) -> str | None:
     """Why a server of this version cannot take ephemeral containers, or None. ``minor`` may carry
     a vendor suffix (``"27+"``)."""
     digits = re.match(r"\d+", minor)
     if not major.isdigit() or digits is None:
         return None  # a version the server does not state plainly: let the request itself tell
     found = (int(major), int(digits.group()))
-    if found >= EPHEMERAL_SINCE:
+    if found >= since:
         return None
-    need = ".".join(map(str, EPHEMERAL_SINCE))
+    need = ".".join(map(str, since))
+    if since == SIDECAR_SINCE:
+        return (
+            f"the cluster runs Kubernetes {found[0]}.{found[1]}, which has no native sidecars;"
+            f" the sidecar way needs {need} or newer (or inject into the running pod)"
+        )
     return (
         f"the cluster runs Kubernetes {found[0]}.{found[1]}, which has no ephemeral containers;"
         f" injecting a network needs {need} or newer (or use the sidecar way)"
@@ -92,14 +110,30 @@ def permission_problem(namespace: str, denied: list[Permission]) -> str | None:
 
 def check_injection(cluster: Cluster, namespace: str, deadline: Deadline) -> None:
     """Raise one KubeError listing every reason the cluster refuses injection into ``namespace``."""
+    _check(cluster, namespace, deadline, INJECTION_NEEDS, EPHEMERAL_SINCE, "cannot inject a network")
+
+
+def check_sidecar(cluster: Cluster, namespace: str, deadline: Deadline) -> None:
+    """Raise one KubeError listing every reason the cluster refuses a sidecar's pod in ``namespace``."""
+    _check(cluster, namespace, deadline, SIDECAR_NEEDS, SIDECAR_SINCE, "cannot give a pod the svctunnel sidecar")
+
+
+def _check(
+    cluster: Cluster,
+    namespace: str,
+    deadline: Deadline,
+    needs: tuple[Permission, ...],
+    since: tuple[int, int],
+    what: str,
+) -> None:
     problems = [
-        version_problem(*_server_version(cluster, deadline)),
+        version_problem(*_server_version(cluster, deadline), since),
         pod_security_problem(namespace, _namespace_labels(cluster, namespace, deadline)),
-        permission_problem(namespace, [p for p in INJECTION_NEEDS if not _allowed(cluster, namespace, p, deadline)]),
+        permission_problem(namespace, [p for p in needs if not _allowed(cluster, namespace, p, deadline)]),
     ]
     found = [p for p in problems if p is not None]
     if found:
-        raise KubeError("cannot inject a network: " + "; and ".join(found))
+        raise KubeError(f"{what}: " + "; and ".join(found))
 
 
 def _server_version(cluster: Cluster, deadline: Deadline) -> tuple[str, str]:
