@@ -170,10 +170,12 @@ class EndStatus:
     peer: Endpoint | None = None
     local: Endpoint | None = None
     counters: Counter[str] = field(default_factory=Counter)
+    problem: str = ""  # why the last re-handshake failed (the pod end is gone, say)
 
     def render(self) -> str:
         counts = " ".join(f"{k}={v}" for k, v in sorted(self.counters.items())) or "-"
-        return f"state={self.state} local={self.local or '-'} peer={self.peer or '-'} counters: {counts}"
+        line = f"state={self.state} local={self.local or '-'} peer={self.peer or '-'} counters: {counts}"
+        return f"{line}\nlast problem: {self.problem}" if self.problem else line
 
 
 class ExternalEnd:
@@ -288,9 +290,11 @@ class ExternalEnd:
             except (SvcTunnelError, OSError) as exc:
                 if self._stop.is_set():
                     return
+                self.status.problem = str(exc)
                 log.warning("re-handshake failed: %s", exc)
                 self._stop.wait(min(self.settings.keepalive, 1.0))
                 continue
+            self.status.problem = ""
             moved = f"; peer moved from {old} to {conn.peer}" if old != conn.peer else ""
             log.info("up: tunnel carries traffic again via port %d%s", conn.local.port, moved)
             return

@@ -655,6 +655,7 @@ def test_a_hello_flood_stops_at_the_pods_door(svctunnel):
     import socket
 
     from pytest_svctunnel import nft
+    from pytest_svctunnel.protocol import DEFAULT_PORT
 
     service, sent = svctunnel.service, 0
     started = time.monotonic()
@@ -665,7 +666,7 @@ def test_a_hello_flood_stops_at_the_pods_door(svctunnel):
                 flood.send(b"SVTN" + bytes(60))
             sent += 200
     elapsed = time.monotonic() - started
-    table = in_pod("nft", "-j", "list", "table", "netdev", nft.limit_table(service.port))
+    table = in_pod("nft", "-j", "list", "table", "netdev", nft.limit_table(DEFAULT_PORT))  # the pod's port
     rules = [item["rule"]["expr"] for item in json.loads(table.stdout)["nftables"] if "rule" in item]
     counted = [(any("drop" in e for e in r), e["counter"]["packets"]) for r in rules for e in r if "counter" in e]
     dropped, passed = sum(n for drop, n in counted if drop), sum(n for drop, n in counted if not drop)
@@ -724,6 +725,25 @@ def wait_pods_ready(core: Any, namespace: str, selector: str, count: int, second
     raise AssertionError(f"pods -l {selector} in {namespace} not ready: {[p.status for p in pods]}; logs: {logs}")
 
 
+def pause_container() -> dict[str, Any]:
+    """An application container that only runs: the nodes' own pause image."""
+    from .kubelab.node import PAUSE_IMAGE
+
+    return {"name": "app", "image": PAUSE_IMAGE, "imagePullPolicy": "Never", "command": ["/pause"]}
+
+
+def start_pause_deployment(cluster: TestCluster, namespace: str, name: str, replicas: int) -> list[Any]:
+    """A Deployment of ``replicas`` pause pods labelled ``app=e2e-<name>``; its pods once they are ready."""
+    labels = {"app": f"e2e-{name}"}
+    template = {
+        "metadata": {"labels": labels},
+        "spec": {"terminationGracePeriodSeconds": 1, "containers": [pause_container()]},
+    }
+    spec = {"replicas": replicas, "selector": {"matchLabels": labels}, "template": template}
+    client.AppsV1Api(cluster.api).create_namespaced_deployment(namespace, {"metadata": {"name": name}, "spec": spec})
+    return wait_pods_ready(client.CoreV1Api(cluster.api), namespace, f"app=e2e-{name}", replicas)
+
+
 def pod_network_state(pid: int) -> str:
     """Everything of a pod's network namespace that the agent could change: links, addresses, routes, rules."""
     views = (
@@ -754,11 +774,14 @@ def node_of(cluster: TestCluster, pod: Any) -> Any:
     return node
 
 
-def test_a_network_goes_into_a_running_application_pod(pytester: pytest.Pytester, cluster: TestCluster) -> None:
+@pytest.mark.parametrize("service_type", ["LoadBalancer", "NodePort"])
+def test_a_network_goes_into_a_running_application_pod(
+    pytester: pytest.Pytester, cluster: TestCluster, service_type: str
+) -> None:
     """--svctunnel-target puts the default network (as net1) and a marked one (as net2) into a running
-    application pod: pings pass both ways on both families. After the session the pod's links, addresses,
-    routes and nft ruleset are what they were, its labels too, the application never restarted, and the
-    injected agent has exited."""
+    application pod: pings pass both ways on both families, and a hello flood stops at the pod's door. After
+    the session the pod's links, addresses, routes and nft ruleset are what they were, its labels too, the
+    application never restarted, and the injected agent has exited."""
     core = client.CoreV1Api(cluster.api)
     namespace = create_app_namespace(cluster)
     try:
@@ -768,8 +791,9 @@ def test_a_network_goes_into_a_running_application_pod(pytester: pytest.Pytester
         try:
             pytester.makepyfile(test_inject=INJECT_SUITE)
             result, run_id = run_inner(
-                pytester, cluster, "--svctunnel-target", f"{namespace}/app", "--svctunnel-pod-dev", "net1"
-            )
+                pytester, cluster, "--svctunnel-target", f"{namespace}/app", "--svctunnel-pod-dev", "net1",
+                "--svctunnel-service-type", service_type,
+            )  # fmt: skip
         finally:
             del os.environ["E2E_POD"], os.environ["E2E_POD_PID"]
         output = result.stdout.str()
@@ -815,26 +839,10 @@ def test_each_pod_of_the_deployment_gets_its_own_network(svctunnel_attach):
 def test_each_pod_of_a_deployment_gets_its_own_network(pytester: pytest.Pytester, cluster: TestCluster) -> None:
     """svctunnel_attach into a 3-replica Deployment: three pods, three tunnels with their own devices, VNIs
     and addresses, all pinging; leaving the with block removes them, and the run leaves nothing."""
-    from .kubelab.node import PAUSE_IMAGE
-
-    core, apps = client.CoreV1Api(cluster.api), client.AppsV1Api(cluster.api)
+    core = client.CoreV1Api(cluster.api)
     namespace = create_app_namespace(cluster)
-    labels = {"app": "e2e-tri"}
-    container = {"name": "app", "image": PAUSE_IMAGE, "imagePullPolicy": "Never", "command": ["/pause"]}
-    deployment = {
-        "metadata": {"name": "tri"},
-        "spec": {
-            "replicas": 3,
-            "selector": {"matchLabels": labels},
-            "template": {
-                "metadata": {"labels": labels},
-                "spec": {"terminationGracePeriodSeconds": 1, "containers": [container]},
-            },
-        },
-    }
     try:
-        apps.create_namespaced_deployment(namespace, deployment)
-        pods = wait_pods_ready(core, namespace, "app=e2e-tri", 3)
+        pods = start_pause_deployment(cluster, namespace, "tri", 3)
         os.environ.update(E2E_TARGET=f"{namespace}/app=e2e-tri", E2E_PODS=" ".join(p.metadata.name for p in pods))
         try:
             pytester.makepyfile(test_attach=ATTACH_SUITE)
@@ -883,12 +891,51 @@ def test_a_sigkilled_injection_is_reaped_and_the_pod_is_as_it_was(
         done = reap()
         assert done.returncode == 0, done.stdout + done.stderr
         assert f"reaped run {run_id}" in done.stdout and f"agent in pod {namespace}/app" in done.stdout, done.stdout
-        assert pod_network_state(pid) == before
-        after = core.read_namespaced_pod("app", namespace)
-        assert after.metadata.labels == pod.metadata.labels
-        assert [s.restart_count for s in after.status.container_statuses] == [0]
-        (agent,) = after.status.ephemeral_container_statuses
-        assert agent.state.terminated is not None and agent.state.terminated.exit_code == 0, agent.state
+        assert_app_as_it_was(core, namespace, pod, pid, before)
+        assert_run_left_nothing(cluster, run_id, done.stdout)
+    finally:
+        core.delete_namespace(namespace)
+
+
+def assert_app_as_it_was(core: Any, namespace: str, pod: Any, pid: int, before: str) -> None:
+    """The application pod after its agent is gone: same network state and labels, never restarted."""
+    assert pod_network_state(pid) == before
+    after = core.read_namespaced_pod("app", namespace)
+    assert after.metadata.labels == pod.metadata.labels
+    assert [s.restart_count for s in after.status.container_statuses] == [0]
+    (agent,) = after.status.ephemeral_container_statuses
+    assert agent.state.terminated is not None and agent.state.terminated.exit_code == 0, agent.state
+
+
+KEEP_SUITE = (
+    POD_SUITE_HEAD
+    + """
+def test_up(svctunnel):
+    assert ping(svctunnel.remote_ipv4.ip, svctunnel.dev)
+"""
+)
+
+
+def test_a_kept_injection_stays_until_reaped(pytester: pytest.Pytester, cluster: TestCluster) -> None:
+    """--svctunnel-keep always leaves the injected agent and its network in the pod, and says so; 'svctunnel
+    reap --include-detached' ends the agent with a goodbye and removes the rest: the pod is as it was."""
+    core = client.CoreV1Api(cluster.api)
+    namespace = create_app_namespace(cluster)
+    try:
+        pod, pid, before = start_app(cluster, namespace)
+        pytester.makepyfile(test_keep=KEEP_SUITE)
+        args = ("--svctunnel-target", f"{namespace}/app", "--svctunnel-pod-dev", "net1", "--svctunnel-keep", "always")
+        result, run_id = run_inner(pytester, cluster, *args)
+        output = result.stdout.str()
+        assert result.ret == pytest.ExitCode.OK, output
+        assert f"agent kept in pod {namespace}/app (container svctunnel-{run_id}" in output, output
+        assert "net1" in pod_network_state(pid), "the kept network is gone"
+        done = subprocess.run(
+            [sys.executable, "-m", "pytest_svctunnel", "reap", "--include-detached"],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert f"reaped run {run_id}" in done.stdout, done.stdout + done.stderr
+        assert_app_as_it_was(core, namespace, pod, pid, before)
         assert_run_left_nothing(cluster, run_id, done.stdout)
     finally:
         core.delete_namespace(namespace)
@@ -903,13 +950,11 @@ def test_an_injection_the_cluster_refuses_fails_before_anything_is_created(
     from pytest_svctunnel.backends.kubernetes.preconditions import PSA_ENFORCE
 
     from .kubelab import certs
-    from .kubelab.node import PAUSE_IMAGE
 
     core = client.CoreV1Api(cluster.api)
     labels = {PSA_ENFORCE: "baseline"} if case == "pod-security-baseline" else {}
     namespace = create_app_namespace(cluster, labels)
-    container = {"name": "app", "image": PAUSE_IMAGE, "imagePullPolicy": "Never", "command": ["/pause"]}
-    pod = {"metadata": {"name": "app", "labels": {"app": "e2e-app"}}, "spec": {"containers": [container]}}
+    pod = {"metadata": {"name": "app", "labels": {"app": "e2e-app"}}, "spec": {"containers": [pause_container()]}}
     try:
         core.create_namespaced_pod(namespace, pod)
         wait_pods_ready(core, namespace, "app=e2e-app", 1)
@@ -1048,6 +1093,51 @@ def test_a_sidecar_holds_the_application_until_its_interface_exists(
         while core.list_namespaced_pod(namespace).items:
             assert time.monotonic() < end, "the pod was not deleted within 60 s"
             time.sleep(0.3)
+        assert_run_left_nothing(cluster, run_id, output)
+    finally:
+        core.delete_namespace(namespace)
+
+
+GONE_SUITE = (
+    POD_SUITE_HEAD
+    + """
+def test_the_target_pod_is_deleted(svctunnel):
+    core = client.CoreV1Api(config.new_client_from_config(config_file=os.environ["SVCTUNNEL_KUBECONFIG"]))
+    namespace, pod = os.environ["E2E_NAMESPACE"], svctunnel.default.pod
+    assert ping(svctunnel.remote_ipv4.ip, svctunnel.dev)
+    core.delete_namespaced_pod(pod, namespace)
+    end = time.monotonic() + 60
+    while ping(svctunnel.remote_ipv4.ip, svctunnel.dev):
+        assert time.monotonic() < end, "the tunnel outlived its pod"
+        time.sleep(0.5)
+    time.sleep(6)  # the keepalives miss, the re-handshake asks after the pod
+    raise AssertionError("fails on purpose: the report must say that the target pod is gone")
+"""
+)
+
+
+def test_a_deleted_target_pod_is_named_in_the_report(pytester: pytest.Pytester, cluster: TestCluster) -> None:
+    """A target pod that is deleted takes its network with it; its controller's new pod gets none. The
+    failing test's report says so (the external end's last problem, the target pod "gone"), with the
+    sections for the agent's log (which went with the pod), the Service and the events; teardown removes
+    the rest without waiting on the pod."""
+    core = client.CoreV1Api(cluster.api)
+    namespace = create_app_namespace(cluster)
+    try:
+        (pod,) = start_pause_deployment(cluster, namespace, "gone", 1)
+        os.environ["E2E_NAMESPACE"] = namespace
+        try:
+            pytester.makepyfile(test_gone=GONE_SUITE)
+            result, run_id = run_inner(pytester, cluster, "--svctunnel-target", f"{namespace}/app=e2e-gone")
+        finally:
+            del os.environ["E2E_NAMESPACE"]
+        output = result.stdout.str()
+        assert result.ret == pytest.ExitCode.TESTS_FAILED, output
+        name = pod.metadata.name
+        assert f"last problem: target pod {namespace}/{name} is " in output, output
+        for section in (f"--- agent log in {namespace}/{name}", f"--- Service of {namespace}/{name}", "--- events of"):
+            assert section in output, output
+        assert f"--- target pod {namespace}/{name}\ngone" in output, output
         assert_run_left_nothing(cluster, run_id, output)
     finally:
         core.delete_namespace(namespace)

@@ -351,6 +351,8 @@ class InjectedEnd:
         p = self.place
         if self._key is None or self._service_endpoint is None:
             return self._wait_exited(deadline, said_goodbye=False)
+        if self._not_running(deadline):
+            return []  # it ended before (idle exit, or the pod is gone): nothing to say goodbye to
         if say_goodbye(self._service_endpoint, self._key, Deadline.after(min(GOODBYE_S, deadline.remaining()))):
             return self._wait_exited(deadline, said_goodbye=True)
         if self._not_running(deadline):
