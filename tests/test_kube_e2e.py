@@ -912,13 +912,20 @@ KEEP_SUITE = (
     + """
 def test_up(svctunnel):
     assert ping(svctunnel.remote_ipv4.ip, svctunnel.dev)
+
+
+def test_fails_with_the_network_in_the_pod(svctunnel):
+    assert svctunnel.peer is None, "fails on purpose: the report must carry the injected agent's diagnostics"
 """
 )
 
 
-def test_a_kept_injection_stays_until_reaped(pytester: pytest.Pytester, cluster: TestCluster) -> None:
-    """--svctunnel-keep always leaves the injected agent and its network in the pod, and says so; 'svctunnel
-    reap --include-detached' ends the agent with a goodbye and removes the rest: the pod is as it was."""
+def test_a_failing_injected_session_reports_and_keeps_until_reaped(
+    pytester: pytest.Pytester, cluster: TestCluster
+) -> None:
+    """A failing test's report shows the injected agent's log and the target pod's state and events;
+    --svctunnel-keep always leaves the agent and its network in the pod, and says so; 'svctunnel reap
+    --include-detached' ends the agent with a goodbye and removes the rest: the pod is as it was."""
     core = client.CoreV1Api(cluster.api)
     namespace = create_app_namespace(cluster)
     try:
@@ -927,7 +934,18 @@ def test_a_kept_injection_stays_until_reaped(pytester: pytest.Pytester, cluster:
         args = ("--svctunnel-target", f"{namespace}/app", "--svctunnel-pod-dev", "net1", "--svctunnel-keep", "always")
         result, run_id = run_inner(pytester, cluster, *args)
         output = result.stdout.str()
-        assert result.ret == pytest.ExitCode.OK, output
+        assert result.ret == pytest.ExitCode.TESTS_FAILED, output
+        result.assert_outcomes(passed=1, failed=1)
+        report = output.split("svctunnel diagnostics", 1)[1]
+        for shown in (
+            f"--- agent log in {namespace}/app",
+            "up: tunnel up with",  # the agent container's own log, through the kubelet
+            f"--- target pod {namespace}/app",
+            f"ephemeral svctunnel-{run_id}: running",
+            f"--- events of {namespace}/app",
+            "Started",  # the kubelet's events about the pod
+        ):
+            assert shown in report, report
         assert f"agent kept in pod {namespace}/app (container svctunnel-{run_id}" in output, output
         assert "net1" in pod_network_state(pid), "the kept network is gone"
         done = subprocess.run(
