@@ -12,7 +12,7 @@ import socket
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 
@@ -34,8 +34,15 @@ from .protocol import (
 from .waiting import Deadline, Stopwatch
 
 log = logging.getLogger("svctunnel.connect")
+# The first hello often arrives before kube-proxy has programmed the endpoint, so for a second the
+# hellos follow each other closely (within the agent's limit of 10/s after a burst of 20); then the
+# wait doubles up to RETRANSMIT_S.
+RETRANSMIT_FIRST_S = 0.1
+FAST_FOR = 10
 RETRANSMIT_S = 1.0
-FRESH_PORT_AFTER = 3  # unanswered hellos from one port before the next comes from a fresh one
+HEALTH_EVERY_S = 1.0  # at most this often the pod end's health is asked during a handshake
+FRESH_PORT_AFTER = 2  # unanswered hellos from one port before the next comes from a fresh one: a hello that
+# met no Service rule yet leaves a conntrack entry that holds every later datagram of its port
 
 
 @dataclass(frozen=True)
@@ -103,19 +110,22 @@ def _handshake(
     cancel: threading.Event | None = None,
     health: Callable[[], None] | None = None,
 ) -> tuple[Ack, Endpoint]:
-    """Run the handshake; retransmits every second until the deadline. While nothing answers,
-    every FRESH_PORT_AFTER hellos come from a fresh port, so a conntrack entry made before the
-    Service's rules existed cannot hold the flow. ``health`` raises if the pod end is gone for good."""
+    """Run the handshake; retransmits every RETRANSMIT_FIRST_S for FAST_FOR hellos, then twice as long
+    each time up to RETRANSMIT_S, until the deadline. While nothing answers, every FRESH_PORT_AFTER hellos come from a
+    fresh port, so a conntrack entry made before the Service's rules existed cannot hold the flow.
+    ``health`` raises if the pod end is gone for good (asked at most every HEALTH_EVERY_S)."""
     family = socket.AF_INET if route.source.version == 4 else socket.AF_INET6
     deadline = Deadline.after(settings.timeout)
     shake = Handshake(settings.key, hello)
     target = (str(settings.service.address), settings.service.port)
+    intervals = retransmit_intervals()
+    health = _throttled(health, HEALTH_EVERY_S) if health is not None else None
     while not _stopped(deadline, cancel):
         with socket.socket(family, socket.SOCK_DGRAM) as sock:
             sock.bind((str(route.source), 0))
             local = Endpoint(route.source, sock.getsockname()[1])
             log.info("handshake: hello from %s to %s", local, settings.service)
-            ack = _shake_from(sock, shake, target, deadline, cancel, health)
+            ack = _shake_from(sock, shake, target, deadline, cancel, health, intervals)
             if ack is not None:
                 return ack, local
     stage = "no answer to any hello" if shake.nonce is None else "challenge answered but no ACK"
@@ -125,6 +135,29 @@ def _handshake(
         f"{stage} from {settings.service} (sent {shake.counter} datagrams)",
         "check that the Service forwards UDP to the agent, the key matches, and --peer/--svctunnel-peer is right",
     )
+
+
+def retransmit_intervals() -> Iterator[float]:
+    """How long to wait for an answer after each hello: 0.1 s ten times, then 0.2, 0.4, 0.8, then 1 s each."""
+    for _ in range(FAST_FOR):
+        yield RETRANSMIT_FIRST_S
+    wait = RETRANSMIT_FIRST_S
+    while True:
+        wait = min(2 * wait, RETRANSMIT_S)
+        yield wait
+
+
+def _throttled(check: Callable[[], None], every: float) -> Callable[[], None]:
+    """``check`` at most once per ``every`` seconds (the first call always runs)."""
+    last = [-every]
+
+    def run() -> None:
+        now = time.monotonic()
+        if now - last[0] >= every:
+            last[0] = now
+            check()
+
+    return run
 
 
 def _stopped(deadline: Deadline, cancel: threading.Event | None) -> bool:
@@ -138,6 +171,7 @@ def _shake_from(
     deadline: Deadline,
     cancel: threading.Event | None,
     health: Callable[[], None] | None,
+    intervals: Iterator[float],
 ) -> Ack | None:
     """Hellos from one port: the ACK, or None once FRESH_PORT_AFTER went unanswered or time is up."""
     unanswered = 0
@@ -146,7 +180,7 @@ def _shake_from(
             health()
         sock.sendto(shake.next_datagram(), target)
         unanswered += 1
-        resend_at = time.monotonic() + RETRANSMIT_S
+        resend_at = time.monotonic() + next(intervals)
         while (left := min(resend_at, deadline.expires_at) - time.monotonic()) > 0:
             sock.settimeout(left)
             try:

@@ -580,3 +580,13 @@ def test_property_mtu_out_of_range(mtu: int, body: Hello | Ack) -> None:
     bad: Body = Hello(mtu, body.networks) if isinstance(body, Hello) else Ack(body.observed, mtu, body.built)
     with pytest.raises(ValueError, match="mtu"):
         encode(message(bad), KEY)
+
+
+def test_hellos_are_retransmitted_soon_then_every_second() -> None:
+    """The first hello often meets a Service whose endpoint kube-proxy has not programmed yet: for a second
+    the next ones follow every 0.1 s, then the wait doubles up to a second."""
+    from itertools import islice
+
+    from pytest_svctunnel.connector import retransmit_intervals
+
+    assert list(islice(retransmit_intervals(), 15)) == [0.1] * 10 + [0.2, 0.4, 0.8, 1.0, 1.0]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -72,6 +73,17 @@ def dropped_by_nft(ns: str) -> int:
         if any("drop" in e for e in expressions):
             total += sum(e["counter"]["packets"] for e in expressions if "counter" in e)
     return total
+
+
+def wait_for_line(lab: Lab, marker: str, seconds: float = 10.0) -> str:
+    """The agent's first log line with ``marker`` (waiting for it)."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        found = [line for line in lab.log_text().splitlines() if marker in line]
+        if found:
+            return found[0]
+        time.sleep(0.05)
+    raise AssertionError(f"no {marker!r} line in the agent's log:\n{lab.log_text()}")
 
 
 def _cpu_s(pid: int) -> float:
@@ -153,7 +165,10 @@ def test_strangers_cannot_disturb_a_running_tunnel(
     assert log.split("tunnel up with ")[-1].split(",")[0] == peer_before
     fdb = netns.run(lab.plan.ns("pod"), ["bridge", "fdb", "show", "dev", dev])
     assert f"dst {peer_before.rsplit(':', 1)[0]} port {peer_before.rsplit(':', 1)[1]}" in fdb
-    assert "bad-mac" in log and "replayed" in log
+    # the rejects by reason, from the agent's counters (its log reports at most one reject a second)
+    os.kill(pid, signal.SIGUSR1)
+    status = wait_for_line(lab, "status: ")
+    assert "rejected-bad-mac=" in status and "rejected-replayed=" in status, status
     assert rss_after - rss_before < 2048, "the agent's memory must stay flat under a flood"
     # the flood never reached the VXLAN device: the pod's packet filter dropped it
     assert dropped_by_nft(lab.plan.ns("pod")) >= 10000
