@@ -69,7 +69,7 @@ class Attachment:
         self.stopwatch = stopwatch or Stopwatch()
         self.tunnels: dict[str, PodTunnel] = {}  # by pod name
         self.ends: list[tuple[InjectedEnd, ExternalEnd | None]] = []
-        self._records: dict[int, str] = {}  # id(end) -> its record in the run's state directory
+        self._records: dict[int, tuple[str, str]] = {}  # id(end) -> (its record's file name, its kind)
         self._stack = ExitStack()
         self._cluster: Cluster | None = None
 
@@ -131,7 +131,7 @@ class Attachment:
         """Put the end on record (for 'svctunnel reap') and on the undo stack."""
         kind = "sidecar" if isinstance(end, SidecarEnd) else "injected"
         self.run.write(record, self._record(end.place, None, kind))
-        self._records[id(end)] = record
+        self._records[id(end)] = (record, kind)
 
         def undo() -> None:
             end.teardown(Deadline.after(self.config.timeout))
@@ -145,8 +145,8 @@ class Attachment:
         """Deploy (or wait for) the pod end, then open the tunnel to it."""
         c = self.config
         service = end.deploy(self.key, Deadline.after(c.timeout), self.stopwatch)
-        kind = "sidecar" if isinstance(end, SidecarEnd) else "injected"
-        self.run.write(self._records[id(end)], self._record(end.place, service, kind))
+        record, kind = self._records[id(end)]
+        self.run.write(record, self._record(end.place, service, kind))
         nets = tuple(replace(n, pod=end.place.pod) for n in nets)
         settings = ConnectSettings(service, self.key, nets, c.timeout, c.underlay_dev, c.keepalive, c.misses)
         external = ExternalEnd(settings, self.stopwatch, end.check)
