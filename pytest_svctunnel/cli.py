@@ -249,8 +249,8 @@ def _lab(args: argparse.Namespace) -> int:
     if args.lab_command == "up":
         run = Run.new()
         lab = Lab(run, port=args.port, rewrite_ports=not args.keep_ports)
-        lab.up()
         try:
+            lab.up()
             lab.start_agent(keys.new_key())
         except BaseException:
             lab.down()

@@ -19,6 +19,10 @@ class PrivilegeError(SvcTunnelError):
     """The process lacks a capability it needs (CAP_NET_ADMIN, CAP_NET_RAW)."""
 
 
+class StateError(SvcTunnelError):
+    """The directory where runs keep their state cannot be used by this user."""
+
+
 class KernelError(SvcTunnelError):
     """Creating or changing kernel state (links, addresses, nftables) failed."""
 

@@ -10,7 +10,7 @@ import pytest
 
 from . import interrupts
 from .config import OPTIONS, resolve
-from .errors import ConfigError
+from .errors import ConfigError, SvcTunnelError
 from .fixtures import svctunnel, svctunnel_attach, svctunnel_network, svctunnel_networks, svctunnel_sidecar
 from .names import device_names, new_run_id
 from .networks import NetworkRequest, check_targets_need_a_cluster, parse_request, plan_networks
@@ -111,7 +111,11 @@ def _finish_run(session: pytest.Session) -> None:
         except Exception as exc:  # the last chance to say it; the run stays for 'svctunnel reap'
             _write_line(session.config, f"svctunnel: removing the tunnel failed: {exc}; run 'svctunnel reap'")
             return
-        run = Run.existing(state.run_id)
+        try:
+            run = Run.existing(state.run_id)
+        except SvcTunnelError as exc:  # e.g. a state root this user cannot use: the setup said so already
+            _write_line(session.config, f"svctunnel: {exc}")
+            return
         if not run.dir.is_dir():
             return
         if note:

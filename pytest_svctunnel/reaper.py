@@ -20,7 +20,7 @@ from typing import Any
 
 from . import device, names, netns
 from .backends.kubernetes.options import Placement
-from .errors import KubeError, PrivilegeError, SvcTunnelError
+from .errors import KubeError, PrivilegeError, StateError, SvcTunnelError
 from .hostobjects import Leftovers, remove_run_objects
 from .privileges import require_net_admin
 from .runs import INJECTED_PREFIX, KUBE_FILE, Liveness, Run, all_runs, state_root
@@ -153,10 +153,11 @@ def leftovers(run: Run, record: dict[str, Any] | None) -> Leftovers:
 
 def reap_for_session(timeout: float) -> list[str]:
     """What --svctunnel-reap does at session start: reap gone runs under the state root; returns
-    one line per reaped run and per failure (a missing privilege is one line, not an error)."""
+    one line per reaped run and per failure (a missing privilege or a state root this user cannot use
+    is one line, not an error)."""
     try:
         require_net_admin("--svctunnel-reap")
-    except PrivilegeError as exc:
+        report = Reaper(timeout=timeout).run()
+    except (PrivilegeError, StateError) as exc:
         return [f"reaping skipped: {exc}"]
-    report = Reaper(timeout=timeout).run()
     return report.reaped + report.failed

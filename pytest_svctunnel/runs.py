@@ -13,16 +13,19 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .errors import StateError
 from .names import new_run_id
 from .pids import ProcessRef
 
 STATE_ENV = "SVCTUNNEL_STATE_DIR"
-_DEFAULT_ROOT = "/run/svctunnel"
+_DEFAULT_ROOT = "/run/svctunnel"  # root's; every other user has one of its own (``state_root``)
 OWNER_FILE = "owner.json"
 KUBE_FILE = "kube.json"  # the cluster objects of a kubernetes backend run, for reaping
 INJECTED_PREFIX = "injected-"  # one record per agent injected into a user's pod, for reaping
@@ -31,7 +34,49 @@ OWNERLESS_GRACE_S = 60.0
 
 
 def state_root() -> Path:
-    return Path(os.environ.get(STATE_ENV) or _DEFAULT_ROOT)
+    """Where runs keep their state: $SVCTUNNEL_STATE_DIR if set; else /run/svctunnel for root; else
+    the user's own, ``$XDG_RUNTIME_DIR/svctunnel`` or ``/tmp/svctunnel-UID``."""
+    given = os.environ.get(STATE_ENV)
+    if given:
+        return Path(given)
+    if os.geteuid() == 0:
+        return Path(_DEFAULT_ROOT)
+    runtime = os.environ.get("XDG_RUNTIME_DIR", "")
+    if runtime and os.path.isabs(runtime):
+        return Path(runtime) / "svctunnel"
+    return Path(tempfile.gettempdir()) / f"svctunnel-{os.geteuid()}"
+
+
+def usable_root() -> Path:
+    """The state root, checked: missing (nothing recorded yet) is fine; one this user cannot read and
+    write, or (a per-user default) one another user made, is a StateError that says what to do."""
+    root = state_root()
+    try:
+        info = root.stat()
+    except FileNotFoundError:
+        return root
+    except OSError as exc:
+        raise _unusable(root, f"cannot be reached ({exc.strerror})") from None
+    euid = os.geteuid()
+    if not stat.S_ISDIR(info.st_mode):
+        raise _unusable(root, "is not a directory")
+    if euid != 0 and info.st_uid != euid and not os.environ.get(STATE_ENV):
+        raise StateError(
+            f"the state directory {root} belongs to uid {info.st_uid}, not to this user (uid {euid}), who"
+            f" would use it by default: have it removed, or set {STATE_ENV} to a directory of your own"
+        )
+    if not os.access(root, os.R_OK | os.W_OK | os.X_OK):
+        mode = stat.S_IMODE(info.st_mode)
+        owner = f"belongs to uid {info.st_uid} with mode {mode:04o}"
+        raise _unusable(root, f"{owner}; this user (uid {euid}) cannot use it")
+    return root
+
+
+def _unusable(root: Path, why: str) -> StateError:
+    return StateError(
+        f"the state directory {root} {why}: run as the user whose runs it holds (root's: 'sudo -E ...'),"
+        f" or set {STATE_ENV} to a directory of your own"
+    )
 
 
 @dataclass(frozen=True)
@@ -86,8 +131,11 @@ class Run:
     @classmethod
     def create(cls, run_id: str) -> Run:
         """Make the state directory of ``run_id``; FileExistsError if it is taken."""
-        root = state_root()
-        root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        root = usable_root()
+        try:
+            root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except PermissionError as exc:
+            raise _unusable(root, f"cannot be made ({exc.strerror})") from None
         path = root / run_id
         path.mkdir(mode=0o700)
         run = cls(run_id, path)
@@ -96,7 +144,9 @@ class Run:
 
     @classmethod
     def existing(cls, run_id: str) -> Run:
-        return cls(run_id, state_root() / run_id)
+        """The run ``run_id`` under the state root (its directory may be gone); a StateError if
+        this user cannot use the state root."""
+        return cls(run_id, usable_root() / run_id)
 
     def write(self, name: str, data: dict[str, Any]) -> None:
         """Replace ``name`` in the state directory at once: a reader sees the old or the new file."""
@@ -154,7 +204,8 @@ class Run:
 
 
 def all_runs() -> list[Run]:
-    root = state_root()
+    """Every run on record under the state root; a StateError if this user cannot use it."""
+    root = usable_root()
     if not root.is_dir():
         return []
     return [Run(p.name, p) for p in sorted(root.iterdir()) if p.is_dir()]
