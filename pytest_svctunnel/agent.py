@@ -19,16 +19,17 @@ import os
 import secrets
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from types import FrameType
 
 from pyroute2.netlink.exceptions import NetlinkError
 
-from . import device, nft
+from . import device, linkbatch, nft
 from .agentsettings import AgentSettings, describe
 from .errors import KernelError, SvcTunnelError
 from .guard import ReplayGuard
+from .netcodec import PodNetwork
 from .packets import UdpDatagram
 from .protocol import (
     Ack,
@@ -38,7 +39,6 @@ from .protocol import (
     Goodbye,
     Hello,
     Message,
-    PodNetwork,
     ProtocolError,
     Reject,
     decode,
@@ -93,6 +93,7 @@ class Agent:
         self._last_heard = time.monotonic()
         self._last_word = time.monotonic()  # the last authenticated message or tunnel traffic
         self._rx_total = 0
+        self._group = linkbatch.new_group()  # the link group of this agent's devices
         self._torn_down = False
         self.finished = False  # said goodbye, or idle too long: serve returns
 
@@ -193,8 +194,7 @@ class Agent:
         if rx != self._rx_total:
             self._rx_total, self._last_heard, self._last_word = rx, now, now
         elif now - self._last_heard > self._dead_after_s:
-            for dev in self.status.networks:
-                device.set_peer(None, dev, None)
+            linkbatch.point(None, list(self.status.networks), None)
             self.status.counters["withdrawn"] += 1
             self._set_state(
                 "dead",
@@ -203,11 +203,7 @@ class Agent:
             )
 
     def _received(self) -> int:
-        total = 0
-        for dev in self.status.networks:
-            state = device.link_state(None, dev)
-            total += state.stats.get("rx_packets", 0) if state else 0
-        return total
+        return linkbatch.rx_packets(None, self.status.networks) if self.status.networks else 0
 
     # -- handling datagrams ----------------------------------------------------
 
@@ -327,14 +323,15 @@ class Agent:
         self._set_state("waiting", why)
 
     def _remove_networks(self) -> None:
-        for net in list(self.status.networks.values()):
-            self._remove_network(net)
+        self._remove(list(self.status.networks.values()))
         self.status.networks.clear()
 
-    def _remove_network(self, net: PodNetwork) -> None:
-        device.delete_vxlan(None, net.dev)
-        if self.settings.bridge:  # node mode: the network's addresses live on the node's bridge
-            device.remove_addresses(None, self.settings.bridge, tuple(a for a in (net.ipv4, net.ipv6) if a))
+    def _remove(self, nets: Sequence[PodNetwork]) -> None:
+        linkbatch.remove(None, [net.dev for net in nets], self._group)
+        bridge = self.settings.bridge
+        if bridge is not None:  # node mode: the networks' addresses live on the node's bridge
+            for net in nets:
+                device.remove_addresses(None, bridge, tuple(a for a in (net.ipv4, net.ipv6) if a))
 
     def _ack(self, peer: Endpoint) -> Ack:
         return Ack(peer, self.status.mtu, len(self.status.networks))
@@ -345,21 +342,21 @@ class Agent:
         underlay = self.settings.underlay_dev or route.dev
         mtu = min(pending.hello.mtu, device.tunnel_mtu(route.mtu, peer.address.version))
         wanted = {n.dev: n for n in pending.hello.networks}
-        for net in wanted.values():
-            self._check_name_free(net.dev)
-        for gone in set(self.status.networks) - set(wanted):
-            self._remove_network(self.status.networks.pop(gone))
+        self._check_names_free(list(wanted))
+        gone = [self.status.networks.pop(dev) for dev in set(self.status.networks) - set(wanted)]
+        self._remove(gone)
+        self.status.networks.update(wanted)  # recorded first, so half-built devices are removed too
         bridge = self.settings.bridge
+        port, specs = self.settings.port, []
         for net in wanted.values():
-            self.status.networks[net.dev] = net  # recorded first, so a half-built device is removed too
             addresses = tuple(a for a in (net.ipv4, net.ipv6) if a is not None)
             own = () if bridge else addresses  # a bridge port's own addresses would never answer
-            spec = device.VxlanSpec(net.dev, net.vni, self.settings.port, local.address, underlay, mtu, own)
-            device.ensure_vxlan(None, spec)
-            if bridge:
+            specs.append(device.VxlanSpec(net.dev, net.vni, port, local.address, underlay, mtu, own, peer))
+        linkbatch.build(None, specs, self._group)
+        if bridge is not None:
+            for net in wanted.values():
                 device.join_bridge(None, net.dev, bridge)
-                device.add_addresses(None, bridge, addresses)
-            device.set_peer(None, net.dev, peer)
+                device.add_addresses(None, bridge, tuple(a for a in (net.ipv4, net.ipv6) if a is not None))
         nft.apply(nft.pod_filter(self.settings.port, peer, self.settings.host_network))
         self._dead_after_s = pending.hello.keepalive_ms * pending.hello.misses / 1000
         self._last_heard, self._rx_total = time.monotonic(), self._received()
@@ -369,14 +366,18 @@ class Agent:
             "up", f"{'peer moved to' if moved else 'tunnel up with'} {peer}, {len(wanted)} network(s), mtu {mtu}"
         )
 
-    def _check_name_free(self, dev: str) -> None:
-        """In an application's namespace only the agent's own devices may be reused."""
-        if self.settings.shared_netns and dev not in self.status.networks and device.link_exists(None, dev):
+    def _check_names_free(self, devs: Sequence[str]) -> None:
+        """In an application's namespace only the agent's own devices may be reused; anywhere, a
+        link of another kind is never touched."""
+        existing = linkbatch.existing(None, devs)
+        theirs = [dev for dev in devs if dev in existing and dev not in self.status.networks]
+        if self.settings.shared_netns and theirs:
+            named = ", ".join(theirs)
+            what = f"a link named {named} that is" if len(theirs) == 1 else f"links named {named} that are"
             raise KernelError(
-                f"the pod has a link named {dev} that is not the agent's (the application's own):"
-                " ask for another pod device name (pod_dev=)"
+                f"the pod has {what} not the agent's (the application's own): ask for other pod device names (pod_dev=)"
             )
-        device.check_name_free(None, dev)
+        linkbatch.refuse_foreign(existing, "ask for other pod device names (pod_dev=)")
 
     def _send(self, request: Message, body: Challenge | Ack | Goodbye, datagram: UdpDatagram) -> None:
         reply = Message(request.session, request.counter, self._now_ms(), body)

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 
-from . import device
+from . import device, linkbatch
 from .errors import HandshakeError, SvcTunnelError, WaitTimeout
 from .networks import Network
 from .probe import ping_once
@@ -233,6 +233,7 @@ class ExternalEnd:
         self._stop = threading.Event()
         self._keeper: threading.Thread | None = None
         self._hello: Hello | None = None
+        self._group = linkbatch.new_group()  # the link group of this end's devices
         self.connection: Connection | None = None
 
     def open(self) -> Connection:
@@ -250,11 +251,10 @@ class ExternalEnd:
         route = device.route_to(None, s.service.address)
         underlay_mtu = device.link_mtu(None, s.underlay_dev) if s.underlay_dev else route.mtu
         mtu = device.tunnel_mtu(underlay_mtu, s.service.address.version)
-        for net in s.networks:
-            device.check_name_free(None, net.dev)
+        names = [net.dev for net in s.networks]
+        linkbatch.refuse_foreign(linkbatch.existing(None, names), "choose other device names (--dev)")
         self._hello = Hello(mtu, tuple(n.pod_network() for n in s.networks), round(s.keepalive * 1000), s.misses)
-        for net in s.networks:
-            self._stack.callback(device.delete_vxlan, None, net.dev)
+        self._stack.callback(linkbatch.remove, None, names, self._group)
         connection = self._connect(route, Deadline.after(s.timeout), self.stopwatch)
         log.info(
             "up: the pod sees this end as %s; %d network(s), mtu %d",
@@ -272,11 +272,12 @@ class ExternalEnd:
         stopwatch.lap("handshake")
         mtu = min(hello.mtu, ack.mtu)
         nets = tuple(n.with_mtu(mtu) for n in s.networks)
+        underlay, specs = s.underlay_dev or route.dev, []
         for net in nets:
             addresses = tuple(a for a in (net.local_ipv4, net.local_ipv6) if a is not None)
-            underlay = s.underlay_dev or route.dev
             spec = device.VxlanSpec(net.dev, net.vni, local.port, route.source, underlay, mtu, addresses, s.service)
-            device.ensure_vxlan(None, spec)
+            specs.append(spec)
+        linkbatch.build(None, specs, self._group)
         stopwatch.lap("devices")
         wait_carries_traffic(nets, deadline, self._stop)
         stopwatch.lap("first ping")

@@ -1,8 +1,7 @@
-"""The kernel VXLAN device of one tunnel network, on either end.
+"""Links one at a time, through pyroute2: routes, MTUs, link state for diagnostics, a node's bridge.
 
-Functions here are safe to run twice: they look for an existing link, compare it,
-reuse or recreate it, and read it back. The namespace is always named (None is
-the caller's own namespace).
+The tunnel devices themselves are built and removed in bulk (``linkbatch``). Functions here are
+safe to run twice. The namespace is always named (None is the caller's own namespace).
 """
 
 from __future__ import annotations
@@ -25,7 +24,6 @@ from .values import IPAddress
 from .waiting import Deadline, wait_for
 
 IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
-ZERO_MAC = "00:00:00:00:00:00"
 IFA_F_NODAD = 0x02
 OVERHEAD = {4: 50, 6: 70}  # outer IP + UDP + VXLAN + inner Ethernet
 
@@ -103,70 +101,6 @@ def link_kind(link: Any) -> str | None:
     return info.get_attr("IFLA_INFO_KIND") if info is not None else None
 
 
-def _refuse_foreign(ipr: Any, name: str, netns: str | None) -> int | None:
-    """The index of an existing VXLAN device ``name``; raises if the name is another kind of link."""
-    index = _index(ipr, name)
-    if index is not None:
-        kind = link_kind(ipr.link("get", index=index)[0])
-        if kind != "vxlan":
-            raise KernelError(
-                f"{name} already exists in {netns or 'this namespace'} and is not a VXLAN device"
-                f" ({kind or 'plain'} link); it is left alone: choose another device name (--dev)"
-            )
-    return index
-
-
-def check_name_free(netns: str | None, name: str) -> None:
-    """Raise before any side effect if ``name`` belongs to a link that is not a VXLAN device."""
-    with netlink(netns) as ipr:
-        _refuse_foreign(ipr, name, netns)
-
-
-def _vxlan_matches(link: Any, spec: VxlanSpec, underlay_index: int | None) -> bool:
-    info = link.get_attr("IFLA_LINKINFO")
-    if info is None or info.get_attr("IFLA_INFO_KIND") != "vxlan":
-        return False
-    data = info.get_attr("IFLA_INFO_DATA")
-    local = data.get_attr("IFLA_VXLAN_LOCAL") or data.get_attr("IFLA_VXLAN_LOCAL6")
-    ports = data.get_attr("IFLA_VXLAN_PORT_RANGE") or {}
-    return bool(
-        data.get_attr("IFLA_VXLAN_ID") == spec.vni
-        and data.get_attr("IFLA_VXLAN_PORT") == spec.port
-        and ports.get("low") == spec.port
-        and ports.get("high") == spec.port + 1
-        and local == str(spec.local)
-        and (underlay_index is None or data.get_attr("IFLA_VXLAN_LINK") == underlay_index)
-    )
-
-
-def ensure_vxlan(netns: str | None, spec: VxlanSpec) -> None:
-    """Create (or reuse a matching) VXLAN device, set MTU and addresses, bring it up.
-
-    The device learns nothing and has no remote: it sends only where an FDB entry
-    points, and there is none until ``set_peer``. That keeps the pod end mute.
-    """
-    with netlink(netns) as ipr:
-        underlay_index = _index(ipr, spec.underlay) if spec.underlay else None
-        if spec.underlay and underlay_index is None:
-            raise KernelError(f"underlay device {spec.underlay!r} does not exist in {netns or 'this namespace'}")
-        index = _refuse_foreign(ipr, spec.name, netns)
-        if index is not None and not _vxlan_matches(ipr.link("get", index=index)[0], spec, underlay_index):
-            _delete(ipr, spec.name)
-            index = None
-        if index is None:
-            _create(ipr, spec, underlay_index)
-            index = _index(ipr, spec.name)
-        if index is None:
-            raise KernelError(f"{spec.name} was created but cannot be found; another process removed it")
-        _kernel(lambda: ipr.link("set", index=index, mtu=spec.mtu), f"setting MTU {spec.mtu} on {spec.name}")
-        for address in spec.addresses:
-            _ensure_address(ipr, index, address)
-        if spec.peer is not None:
-            _point(ipr, index, spec.name, spec.peer)
-        _kernel(lambda: ipr.link("set", index=index, state="up"), f"bringing {spec.name} up")
-        _wait_local(ipr, spec.name, spec.addresses)
-
-
 RTN_LOCAL = 2
 _ADDRESS_READY_S = 5.0
 
@@ -206,22 +140,6 @@ def _wait_local(ipr: Any, name: str, addresses: tuple[IPInterface, ...]) -> None
         describe=lambda: f"not yet local: {', '.join(pending())}",
         interval=0.002,
     )
-
-
-def _create(ipr: Any, spec: VxlanSpec, underlay_index: int | None) -> None:
-    local_key = "vxlan_local" if spec.local.version == 4 else "vxlan_local6"
-    attrs: dict[str, Any] = {
-        "ifname": spec.name,
-        "kind": "vxlan",
-        "vxlan_id": spec.vni,
-        "vxlan_port": spec.port,
-        "vxlan_port_range": {"low": spec.port, "high": spec.port + 1},
-        "vxlan_learning": 0,
-        local_key: str(spec.local),
-    }
-    if underlay_index is not None:
-        attrs["vxlan_link"] = underlay_index
-    _kernel(lambda: ipr.link("add", **attrs), f"creating VXLAN device {spec.name} (VNI {spec.vni})")
 
 
 def _ensure_address(ipr: Any, index: int, address: IPInterface) -> None:
@@ -281,52 +199,6 @@ def join_bridge(netns: str | None, name: str, bridge: str) -> None:
         if index is None:
             raise KernelError(f"{name} vanished before it could join bridge {bridge}")
         _kernel(lambda: ipr.link("set", index=index, master=master), f"adding {name} to bridge {bridge}")
-
-
-def set_peer(netns: str | None, name: str, peer: Endpoint | None) -> None:
-    """Point the device's default forwarding entry at ``peer``, or withdraw it (None).
-
-    The entry carries the peer's own UDP port: that is what makes port-rewriting
-    NATs and NodePorts work, where the original needed one fixed port end to end.
-    """
-    with netlink(netns) as ipr:
-        index = _index(ipr, name)
-        if index is None:
-            raise KernelError(f"device {name} vanished from {netns or 'this namespace'}")
-        _point(ipr, index, name, peer)
-
-
-def _point(ipr: Any, index: int, name: str, peer: Endpoint | None) -> None:
-    for entry in ipr.fdb("dump", ifindex=index):
-        if entry.get_attr("NDA_LLADDR") == ZERO_MAC:
-            _fdb_delete(ipr, index, entry.get_attr("NDA_DST"), entry.get_attr("NDA_PORT"))
-    if peer is not None:
-        _kernel(
-            lambda: ipr.fdb("append", ifindex=index, lladdr=ZERO_MAC, dst=str(peer.address), port=peer.port),
-            f"pointing {name} at {peer}",
-        )
-
-
-def _fdb_delete(ipr: Any, index: int, dst: str, port: int | None) -> None:
-    # Without its port the kernel looks for an entry on the device's own port, finds none
-    # and answers ENOENT: the entry would stay, and the pod would go on sending to it.
-    extra = {"port": port} if port else {}
-    try:
-        ipr.fdb("del", ifindex=index, lladdr=ZERO_MAC, dst=dst, **extra)
-    except NetlinkError as exc:
-        if exc.code != errno.ENOENT:
-            raise KernelError(f"removing forwarding entry to {dst}: {exc}") from None
-
-
-def delete_vxlan(netns: str | None, name: str) -> None:
-    """Remove a VXLAN device; other kinds of link of that name, or none, are left alone."""
-    try:
-        with netlink(netns) as ipr:
-            index = _index(ipr, name)
-            if index is not None and link_kind(ipr.link("get", index=index)[0]) == "vxlan":
-                _delete(ipr, name)
-    except KernelError:
-        return
 
 
 def delete_link(netns: str | None, name: str) -> None:

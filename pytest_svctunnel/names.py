@@ -10,11 +10,13 @@ from __future__ import annotations
 import re
 import secrets
 
+from .netcodec import MAX_NETWORKS
+
 RUN_ID = re.compile(r"[0-9a-f]{6}")
 NETNS_PREFIX = "svt-"  # every run's namespaces
 LINK_PREFIX = "svt"  # every run's links in a shared namespace
 RUN_LABEL = "svctunnel.dev/run"
-MAX_DEVICES = 16  # devices per run: the default network and up to 15 marked ones
+MAX_DEVICES = MAX_NETWORKS  # devices of the plugin's own pod end: the default network and the marked ones
 _NETNS_OF_RUN = re.compile(rf"{NETNS_PREFIX}(?P<run>[0-9a-f]{{6}})-")
 _LINK_OF_RUN = re.compile(rf"{LINK_PREFIX}(?P<run>[0-9a-f]{{6}})-")
 

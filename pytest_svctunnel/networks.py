@@ -6,13 +6,16 @@ or a ConfigError that names the conflict and how to fix it.
 
 from __future__ import annotations
 
+import bisect
 import ipaddress
+import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from .errors import ConfigError
-from .protocol import PodNetwork
+from .netcodec import MAX_NETWORKS, PodNetwork
+from .protocol import MAX_DATAGRAM, hello_size
 from .targets import Target, parse_target
 from .values import parse_ifname
 
@@ -21,8 +24,11 @@ ATTACH = "svctunnel_attach"  # the ``where`` of requests made through that fixtu
 DEFAULT_VNI = 333
 DEFAULT_IPV4 = ipaddress.IPv4Network("10.30.30.0/30")
 DEFAULT_IPV6 = ipaddress.IPv6Network("fd00:3030::/126")
-_POOL_IPV4 = ipaddress.IPv4Network("10.30.30.0/24")
-_POOL_IPV6 = ipaddress.IPv6Network("fd00:3030::/120")
+# the blocks of networks without addresses of their own: from 10.30.30.0 on (then around the
+# pool) and from fd00:3030:: on, 16384 of each
+_POOL_IPV4 = ipaddress.IPv4Network("10.30.0.0/16")
+_POOL_IPV6 = ipaddress.IPv6Network("fd00:3030::/112")
+_POOL_START = {4: DEFAULT_IPV4.network_address, 6: DEFAULT_IPV6.network_address}
 MAX_VNI = 0xFFFFFF
 
 Disabled = Literal[False]
@@ -212,21 +218,60 @@ def merge_requests(requests: Sequence[NetworkRequest]) -> list[NetworkRequest]:
                 f"svctunnel_network {request.name!r} is marked with different settings on "
                 f"{seen.where} and {request.where}; use one setting per name"
             )
-    return [by_name[name] for name in sorted(by_name)]
+    return [by_name[name] for name in sorted(by_name, key=natural_order)]
+
+
+def natural_order(name: str) -> tuple[tuple[tuple[int, str], ...], str]:
+    """Sort key that puts ``vlan9`` before ``vlan10``: numbers compare as numbers (``a0`` before ``a00``)."""
+    parts = tuple((int(part), "") if part.isdigit() else (-1, part) for part in re.split(r"(\d+)", name) if part)
+    return parts, name
+
+
+class _Spans:
+    """Taken addresses of one IP version as sorted, disjoint integer ranges [start, end]."""
+
+    def __init__(self) -> None:
+        self.starts: list[int] = []
+        self.ends: list[int] = []
+
+    def overlaps(self, start: int, end: int) -> bool:
+        i = bisect.bisect_right(self.starts, end) - 1
+        return i >= 0 and self.ends[i] >= start
+
+    def add(self, start: int, end: int) -> None:
+        lo = bisect.bisect_left(self.ends, start - 1)  # the first range that touches or follows
+        hi = bisect.bisect_right(self.starts, end + 1)  # past the last range that touches
+        if lo < hi:
+            start, end = min(start, self.starts[lo]), max(end, self.ends[hi - 1])
+        self.starts[lo:hi], self.ends[lo:hi] = [start], [end]
 
 
 class _Allocator:
-    """Hands out the lowest free /30 (/126) block and VNI, skipping taken ones."""
+    """Hands out the next free /30 (/126) block of a pool and the next free VNI, skipping taken ones."""
 
     def __init__(self, taken: Sequence[AnyNetwork], vnis: set[int]) -> None:
-        self.taken = list(taken)
+        self.spans = {4: _Spans(), 6: _Spans()}
+        for net in taken:
+            self._take(net)
         self.vnis = set(vnis)
+        self._cursor: dict[tuple[AnyNetwork, int], int] = {}
+
+    def _take(self, net: AnyNetwork) -> None:
+        self.spans[net.version].add(int(net.network_address), int(net.broadcast_address))
 
     def subnet(self, pool: AnyNetwork, prefix: int) -> AnyNetwork:
-        for candidate in pool.subnets(new_prefix=prefix):
-            if not any(candidate.version == t.version and candidate.overlaps(t) for t in self.taken):
-                self.taken.append(candidate)
-                return candidate
+        size = 2 ** (pool.max_prefixlen - prefix)
+        count = pool.num_addresses // size
+        base = int(pool.network_address)
+        first = (int(_POOL_START[pool.version]) - base) // size
+        cursor = self._cursor.get((pool, prefix), 0)
+        for step in range(cursor, cursor + count):
+            start = base + ((first + step) % count) * size
+            if not self.spans[pool.version].overlaps(start, start + size - 1):
+                self._cursor[(pool, prefix)] = step + 1
+                block = ipaddress.ip_network((start, prefix))
+                self._take(block)
+                return block
         raise ConfigError(f"no free {pool} block left for another network; give ipv4=/ipv6= explicitly")
 
     def vni(self, base: int) -> int:
@@ -253,8 +298,8 @@ def plan_networks(
     A target's networks are planned for one pod; ``spread_over_pods`` gives the other pods theirs.
     """
     merged = merge_requests(requests)
-    if len(merged) + 1 > len(dev_name):
-        raise ConfigError(f"at most {len(dev_name) - 1} extra networks per session")
+    if len(merged) + 1 > min(len(dev_name), MAX_NETWORKS):
+        raise ConfigError(f"at most {min(len(dev_name), MAX_NETWORKS) - 1} extra networks per session")
     explicit: list[tuple[str, AnyNetwork]] = [(DEFAULT_NAME, DEFAULT_IPV4), (DEFAULT_NAME, DEFAULT_IPV6)]
     for req in merged:
         explicit += [(req.name, n) for n in (req.ipv4, req.ipv6) if n]
@@ -270,6 +315,7 @@ def plan_networks(
         net = make_network(req.name, vni, dev_name[index], net4 or None, net6 or None)
         nets.append(replace(net, target=req.target or default_target, pod_dev=req.pod_dev))
     _check_pod_devs(nets)
+    check_hellos_fit(nets)
     return tuple(nets)
 
 
@@ -283,6 +329,25 @@ def check_targets_need_a_cluster(nets: Sequence[Network], backend: str) -> None:
             f" kubernetes backend (this session uses {backend}); leave out --svctunnel-backend {backend}"
             " or the network's target="
         )
+
+
+def check_hellos_fit(nets: Sequence[Network]) -> None:
+    """Each pod end's networks travel in one hello datagram of at most MAX_DATAGRAM bytes."""
+    ends: dict[Target | None, list[Network]] = {}
+    for net in nets:
+        ends.setdefault(net.target, []).append(net)
+    for target, group in ends.items():
+        where = f"target {target}" if target else "the pod end"
+        if len(group) > MAX_NETWORKS:
+            raise ConfigError(f"{len(group)} svctunnel networks go into {where}; one pod end takes {MAX_NETWORKS}")
+        size = hello_size([n.pod_network() for n in group])
+        if size > MAX_DATAGRAM:
+            raise ConfigError(
+                f"the {len(group)} svctunnel networks into {where} need a {size}-byte hello, more than"
+                f" {MAX_DATAGRAM}: networks whose VNIs, addresses and device names follow each other (as the"
+                " defaults do) pack into one run, any other starts a run of its own; leave vni=, ipv4=, ipv6="
+                " and pod_dev= to the defaults on more of them, or number them in sequence"
+            )
 
 
 def _check_pod_devs(nets: Sequence[Network]) -> None:
@@ -358,6 +423,7 @@ def plan_attached(
         net = make_network(req.name, vni, next_dev(), net4 or None, net6 or None)
         nets.append(replace(net, target=target, pod_dev=req.pod_dev or req.name))
     _check_pod_devs(nets)
+    check_hellos_fit(nets)
     return tuple(nets)
 
 

@@ -14,8 +14,10 @@ Four messages open a tunnel, all HMAC-SHA256 authenticated with the session key:
 One message ends it: GOODBYE (external -> pod) asks the pod end to remove everything it
 built and exit; the pod end answers with a GOODBYE of its own once that is done.
 
-Layout: a fixed 32-byte header, a type-specific body of fixed size, and a 32-byte
-MAC over both. The MAC is checked in constant time before the body is parsed.
+Layout: a fixed 32-byte header, a type-specific body, and a 32-byte MAC over both. The MAC is
+checked in constant time before the body is parsed. A hello packs its networks as runs
+(``netcodec``); no datagram is larger than MAX_DATAGRAM, 1200 bytes, so none is ever fragmented
+on a path whose MTU is IPv6's minimum of 1280 (encode refuses a hello that would be larger).
 """
 
 from __future__ import annotations
@@ -25,26 +27,35 @@ import hashlib
 import hmac
 import ipaddress
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .values import IPAddress, ifname_problem
+from .netcodec import (
+    MAX_NETWORKS,
+    MAX_RUNS,
+    PodNetwork,
+    decode_runs,
+    encode_runs,
+    encoded_size,
+    pack_runs,
+    validate_network,
+)
+from .values import IPAddress
 
 MAGIC = b"SVTN"
 DEFAULT_PORT = 5533  # the Service port and the pod end's listening port, as in the original
-VERSION = 1
+VERSION = 2  # 2: a hello's networks as runs
 MAC_LEN = 32
-MAX_NETWORKS = 16
 NONCE_LEN = 16
 SESSION_LEN = 8
 
 _HEADER = struct.Struct("!4sBBH8sQQ")  # magic, version, type, body length, session, counter, ms
-_NETWORK = struct.Struct("!IB4sB16s16s")  # vni, v4 plen, v4, v6 plen, v6, device name
+_HELLO = struct.Struct("!HIBB")  # mtu, keepalive interval in ms, misses before dead, runs of networks
 _ENDPOINT = struct.Struct("!B16sH")  # family (4/6), address (padded), port
-_LIVENESS = struct.Struct("!IB")  # keepalive interval in ms, misses before dead
-_ABSENT = 0xFF
+_BUILT = struct.Struct("!HH")  # mtu, networks built
 
 HEADER_LEN = _HEADER.size
-MAX_DATAGRAM = HEADER_LEN + 3 + MAX_NETWORKS * _NETWORK.size + _LIVENESS.size + MAC_LEN
+MAX_DATAGRAM = 1200
 
 
 class MsgType(enum.IntEnum):
@@ -91,16 +102,6 @@ class Endpoint:
         if self.address.version == 6:
             return f"[{self.address}]:{self.port}"
         return f"{self.address}:{self.port}"
-
-
-@dataclass(frozen=True)
-class PodNetwork:
-    """One network the pod end is asked to build."""
-
-    vni: int
-    dev: str
-    ipv4: ipaddress.IPv4Interface | None
-    ipv6: ipaddress.IPv6Interface | None
 
 
 @dataclass(frozen=True)
@@ -163,37 +164,31 @@ class Message:
 # -- encoding -----------------------------------------------------------------
 
 
+def hello_size(networks: Sequence[PodNetwork]) -> int:
+    """The bytes of a hello datagram that carries ``networks``: at most MAX_DATAGRAM, or encode refuses it."""
+    return HEADER_LEN + _HELLO.size + encoded_size(networks) + MAC_LEN
+
+
 def _encode_endpoint(endpoint: Endpoint) -> bytes:
     packed = endpoint.address.packed.ljust(16, b"\0")
     return _ENDPOINT.pack(endpoint.address.version, packed, endpoint.port)
 
 
-def _encode_network(net: PodNetwork) -> bytes:
-    name = net.dev.encode("ascii")
-    v4 = net.ipv4
-    v6 = net.ipv6
-    return _NETWORK.pack(
-        net.vni,
-        v4.network.prefixlen if v4 else _ABSENT,
-        v4.ip.packed if v4 else bytes(4),
-        v6.network.prefixlen if v6 else _ABSENT,
-        v6.ip.packed if v6 else bytes(16),
-        name.ljust(16, b"\0"),
-    )
-
-
 def _encode_body(body: Body) -> bytes:
     if isinstance(body, Hello):
-        nets = b"".join(_encode_network(n) for n in body.networks)
-        head = struct.pack("!HB", body.mtu, len(body.networks))
-        return head + nets + _LIVENESS.pack(body.keepalive_ms, body.misses)
+        runs = pack_runs(body.networks)
+        if len(runs) > MAX_RUNS:
+            raise ValueError(
+                f"the hello would take more than {MAX_DATAGRAM} bytes: its networks fall into {len(runs)} runs"
+            )
+        return _HELLO.pack(body.mtu, body.keepalive_ms, body.misses, len(runs)) + encode_runs(runs)
     if isinstance(body, Challenge):
         return body.nonce + _encode_endpoint(body.observed)
     if isinstance(body, Confirm):
         return body.nonce
     if isinstance(body, Goodbye):
         return b""
-    return _encode_endpoint(body.observed) + struct.pack("!HB", body.mtu, body.built)
+    return _encode_endpoint(body.observed) + _BUILT.pack(body.mtu, body.built)
 
 
 def encode(message: Message, key: bytes) -> bytes:
@@ -210,6 +205,11 @@ def encode(message: Message, key: bytes) -> bytes:
         message.timestamp_ms,
     )
     signed = header + body
+    if len(signed) + MAC_LEN > MAX_DATAGRAM:
+        raise ValueError(
+            f"the message takes {len(signed) + MAC_LEN} bytes, more than {MAX_DATAGRAM}: its networks fall into"
+            " too many runs (see netcodec)"
+        )
     return signed + _mac(key, signed)
 
 
@@ -228,7 +228,7 @@ def validate(message: Message) -> None:
         if not 1 <= len(body.networks) <= MAX_NETWORKS:
             raise ValueError(f"a hello carries 1 to {MAX_NETWORKS} networks")
         for net in body.networks:
-            _validate_network(net)
+            validate_network(net)
         if len({n.vni for n in body.networks}) != len(body.networks):
             raise ValueError("two networks of one hello share a VNI")
         if len({n.dev for n in body.networks}) != len(body.networks):
@@ -249,13 +249,6 @@ def _validate_liveness(keepalive_ms: int, misses: int) -> None:
         raise ValueError(f"keepalive interval {keepalive_ms} ms is outside 10..3600000")
     if not 1 <= misses <= 100:
         raise ValueError(f"misses {misses} is outside 1..100")
-
-
-def _validate_network(net: PodNetwork) -> None:
-    if not 1 <= net.vni <= 0xFFFFFF:
-        raise ValueError(f"VNI {net.vni} is outside 1..16777215")
-    if (problem := ifname_problem(net.dev)) is not None:
-        raise ValueError(f"device name {net.dev!r} is not a valid interface name: {problem}")
 
 
 # -- decoding -----------------------------------------------------------------
@@ -296,8 +289,8 @@ def _decode_body(mtype: MsgType, raw: bytes) -> Body:
         if mtype is MsgType.GOODBYE:
             _expect_len(raw, 0)
             return Goodbye()
-        _expect_len(raw, _ENDPOINT.size + 3)
-        mtu, built = struct.unpack_from("!HB", raw, _ENDPOINT.size)
+        _expect_len(raw, _ENDPOINT.size + _BUILT.size)
+        mtu, built = _BUILT.unpack_from(raw, _ENDPOINT.size)
         _check_mtu(mtu)
         if built > MAX_NETWORKS:
             raise ProtocolError(Reject.BODY, f"ack reports {built} networks built")
@@ -319,53 +312,16 @@ def _check_mtu(mtu: int) -> None:
 
 
 def _decode_hello(raw: bytes) -> Hello:
-    if len(raw) < 3:
+    if len(raw) < _HELLO.size:
         raise ProtocolError(Reject.BODY, "hello body too short")
-    mtu, count = struct.unpack_from("!HB", raw)
+    mtu, keepalive_ms, misses, runs = _HELLO.unpack_from(raw)
     _check_mtu(mtu)
-    if not 1 <= count <= MAX_NETWORKS:
-        raise ProtocolError(Reject.BODY, f"{count} networks")
-    end = 3 + count * _NETWORK.size
-    _expect_len(raw, end + _LIVENESS.size)
-    nets = tuple(_decode_network(raw[3 + i * _NETWORK.size : 3 + (i + 1) * _NETWORK.size]) for i in range(count))
-    keepalive_ms, misses = _LIVENESS.unpack_from(raw, end)
     _validate_liveness(keepalive_ms, misses)  # a ValueError here becomes Reject.BODY
-    if len({n.vni for n in nets}) != count or len({n.dev for n in nets}) != count:
-        raise ProtocolError(Reject.BODY, "duplicate VNI or device name")
+    if runs == 0:
+        raise ProtocolError(Reject.BODY, "no networks")
+    nets, size = decode_runs(raw[_HELLO.size :], runs)  # a struct.error or ValueError: Reject.BODY
+    _expect_len(raw, _HELLO.size + size)
     return Hello(mtu, nets, keepalive_ms, misses)
-
-
-def _decode_network(raw: bytes) -> PodNetwork:
-    vni, plen4, addr4, plen6, addr6, name = _NETWORK.unpack(raw)
-    dev = name.rstrip(b"\0").decode("ascii")
-    net = PodNetwork(
-        vni=vni,
-        dev=dev,
-        ipv4=_as_v4(_decode_iface(4, plen4, addr4)),
-        ipv6=_as_v6(_decode_iface(6, plen6, addr6)),
-    )
-    try:
-        _validate_network(net)
-    except ValueError as exc:
-        raise ProtocolError(Reject.BODY, str(exc)) from None
-    return net
-
-
-def _decode_iface(version: int, plen: int, packed: bytes) -> ipaddress.IPv4Interface | ipaddress.IPv6Interface | None:
-    if plen == _ABSENT:
-        return None
-    if plen > (32 if version == 4 else 128):
-        raise ProtocolError(Reject.BODY, f"prefix length {plen}")
-    address = ipaddress.ip_address(packed)
-    return ipaddress.ip_interface(f"{address}/{plen}")
-
-
-def _as_v4(iface: object) -> ipaddress.IPv4Interface | None:
-    return iface if isinstance(iface, ipaddress.IPv4Interface) else None
-
-
-def _as_v6(iface: object) -> ipaddress.IPv6Interface | None:
-    return iface if isinstance(iface, ipaddress.IPv6Interface) else None
 
 
 def _decode_endpoint(raw: bytes) -> Endpoint:

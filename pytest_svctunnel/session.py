@@ -11,7 +11,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from . import diagnostics, keys, names
+from . import diagnostics, keys, names, neighbours
 from .backends import make_backend
 from .backends.base import Backend
 from .config import TunnelConfig
@@ -141,6 +141,7 @@ class TunnelSession:
 
     def start(self) -> Tunnel:
         require_net_admin("the svctunnel fixture")
+        neighbours.check_room(self.networks)
         parts, attached_before = ExitStack(), bool(self._attachments)
         try:
             self.tunnel = self._start(parts)
@@ -218,6 +219,7 @@ class TunnelSession:
         require_net_admin("svctunnel_attach")
         taken = self.built_networks()
         planned = plan_attached(requests, target, taken, self.counter.next_dev, self.config.vni)
+        neighbours.check_room(planned)
         attachment = self._attachment(planned, taken)
         attachment.open()
         self._stack.callback(attachment.close)  # a no-op once the test closed it

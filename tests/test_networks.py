@@ -14,7 +14,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pytest_svctunnel.errors import ConfigError
-from pytest_svctunnel.names import device_names
+from pytest_svctunnel.names import MAX_DEVICES, device_names
+from pytest_svctunnel.netcodec import PodNetwork
 from pytest_svctunnel.networks import (
     ATTACH,
     DEFAULT_VNI,
@@ -22,13 +23,14 @@ from pytest_svctunnel.networks import (
     Network,
     NetworkMap,
     NetworkRequest,
+    natural_order,
     parse_request,
     plan_attached,
     plan_networks,
     single_network,
     spread_over_pods,
 )
-from pytest_svctunnel.protocol import Hello, Message, PodNetwork, decode, encode
+from pytest_svctunnel.protocol import Hello, Message, decode, encode
 from pytest_svctunnel.targets import Target
 from pytest_svctunnel.values import ifname_problem
 
@@ -173,16 +175,41 @@ def test_leaving_ipv4_out_does_not_use_up_a_block() -> None:
     assert nets["b"].local_ipv6 == IPv6Interface("fd00:3030::a/126")
 
 
-def test_fifteen_extra_networks_fit() -> None:
-    nets = plan_networks(DEFAULT_VNI, [req(f"n{i:02}") for i in range(15)], DEVS)
-    assert len(nets) == 16
-    assert [n.dev for n in nets] == DEVS
+def test_1023_extra_networks_fit_and_follow_each_other() -> None:
+    nets = plan_networks(DEFAULT_VNI, [req(f"vlan{i}") for i in range(1, 1024)], DEVS)
+    assert len(nets) == 1024 and [n.dev for n in nets] == DEVS
+    assert [n.name for n in nets[:4]] == ["default", "vlan1", "vlan2", "vlan3"]  # numbers sort as numbers
+    assert [n.vni for n in nets] == list(range(DEFAULT_VNI, DEFAULT_VNI + 1024))
+    assert [n.local_ipv4 for n in nets[63:66]] == [
+        IPv4Interface("10.30.30.254/30"),
+        IPv4Interface("10.30.31.2/30"),  # past the first /24 the blocks go on in the next
+        IPv4Interface("10.30.31.6/30"),
+    ]
+    assert nets[-1].local_ipv4 == IPv4Interface("10.30.45.254/30")
+    assert nets[-1].local_ipv6 == IPv6Interface("fd00:3030::ffe/126")
 
 
-def test_planned_networks_go_on_the_wire() -> None:
-    nets = plan_networks(DEFAULT_VNI, [req(f"n{i:02}") for i in range(15)], DEVS)
+def test_planned_networks_go_on_the_wire_in_one_small_hello() -> None:
+    nets = plan_networks(DEFAULT_VNI, [req(f"n{i:04}") for i in range(1023)], DEVS)
     hello = Message(b"12345678", 1, 1, Hello(1450, tuple(n.pod_network() for n in nets)))
-    assert decode(encode(hello, b"k"), b"k") == hello
+    datagram = encode(hello, b"k")
+    assert decode(datagram, b"k") == hello
+    assert len(datagram) == 32 + 8 + 48 + len("svtabc123-") + 32  # one run
+
+
+def test_the_blocks_go_around_the_pool_past_its_top() -> None:
+    """Everything from 10.30.30.4 to the top of 10.30.0.0/16 is taken: the next block is 10.30.0.0/30."""
+    blocks = ["10.30.30.4/30", "10.30.30.8/29", "10.30.30.16/28", "10.30.30.32/27", "10.30.30.64/26"]
+    blocks += ["10.30.30.128/25", "10.30.31.0/24", "10.30.32.0/19", "10.30.64.0/18", "10.30.128.0/17"]
+    taken = [req(f"t{i}", ipv4=block) for i, block in enumerate(blocks)]
+    nets = by_name(plan_networks(DEFAULT_VNI, [*taken, req("x"), req("y")], DEVS))
+    assert nets["x"].local_ipv4 == IPv4Interface("10.30.0.2/30")
+    assert nets["y"].local_ipv4 == IPv4Interface("10.30.0.6/30")
+
+
+def test_natural_order_puts_numbers_in_number_order() -> None:
+    names = ["vlan10", "vlan9", "a00", "a0", "b", "vlan100", "a1", "vlan09"]
+    assert sorted(names, key=natural_order) == ["a0", "a00", "a1", "b", "vlan09", "vlan9", "vlan10", "vlan100"]
 
 
 # -- errors ----------------------------------------------------------------------------------------------------
@@ -229,8 +256,8 @@ PLAN_ERRORS: dict[str, tuple[list[NetworkRequest], list[str]]] = {
         ["'default'", "'a'", str(DEFAULT_VNI), "--svctunnel-vni"],
     ),
     "too-many-networks": (
-        [req(f"n{i:02}") for i in range(16)],
-        ["at most 15 extra networks"],
+        [req(f"n{i:04}") for i in range(1024)],
+        ["at most 1023 extra networks"],
     ),
     "pool-exhausted": (
         [
@@ -240,9 +267,21 @@ PLAN_ERRORS: dict[str, tuple[list[NetworkRequest], list[str]]] = {
             req("d", ipv4="10.30.30.32/27"),
             req("e", ipv4="10.30.30.64/26"),
             req("f", ipv4="10.30.30.128/25"),
-            req("g"),
+            req("g", ipv4="10.30.31.0/24"),
+            req("h", ipv4="10.30.32.0/19"),
+            req("i", ipv4="10.30.64.0/18"),
+            req("j", ipv4="10.30.128.0/17"),
+            req("k", ipv4="10.30.0.0/20"),
+            req("l", ipv4="10.30.16.0/21"),
+            req("m", ipv4="10.30.24.0/22"),
+            req("n", ipv4="10.30.28.0/23"),
+            req("o"),
         ],
-        ["no free 10.30.30.0/24 block", "ipv4="],
+        ["no free 10.30.0.0/16 block", "ipv4="],
+    ),
+    "irregular-networks-beyond-one-hello": (
+        [req(f"n{i:02}", vni=1000 + 7 * i * i, ipv4=f"10.{50 + i}.0.0/24") for i in range(40)],
+        ["the 41 svctunnel networks into the pod end need a", "more than 1200", "vni=, ipv4=, ipv6="],
     ),
 }
 
@@ -397,7 +436,7 @@ def test_single_network_errors(args: tuple[Any, Any, Any, Any], expected: str) -
 @given(st.text("0123456789abcdef", min_size=6, max_size=6))
 def test_every_device_name_of_a_run_is_a_valid_interface_name(run_id: str) -> None:
     devices = device_names(run_id)
-    assert len(devices) == len(set(devices)) == 16
+    assert len(devices) == len(set(devices)) == MAX_DEVICES == 1024
     assert all(ifname_problem(d) is None and d.startswith(f"svt{run_id}-") for d in devices)
 
 
@@ -445,7 +484,7 @@ def test_property_plans_never_collide(default_vni: int, requests: list[NetworkRe
         # The only conflict the generator allows is an explicit VNI equal to the default.
         assert any(r.vni == default_vni for r in requests), exc
         return
-    assert [n.name for n in nets] == ["default", *sorted(r.name for r in requests)]
+    assert [n.name for n in nets] == ["default", *sorted((r.name for r in requests), key=natural_order)]
     assert len({n.dev for n in nets}) == len(nets)
     vnis = [n.vni for n in nets]
     assert len(set(vnis)) == len(vnis)
@@ -461,7 +500,7 @@ def test_property_plans_never_collide(default_vni: int, requests: list[NetworkRe
             assert (local is None) == (remote is None)
             if local is not None and remote is not None:
                 assert local.network == remote.network and local.ip != remote.ip
-    for r, n in zip(sorted(requests, key=lambda r: r.name), nets[1:], strict=True):
+    for r, n in zip(sorted(requests, key=lambda r: natural_order(r.name)), nets[1:], strict=True):
         assert n.vni == r.vni or r.vni is None
         assert (n.local_ipv4 is None) == (r.ipv4 is False)
         assert (n.local_ipv6 is None) == (r.ipv6 is False)

@@ -667,6 +667,51 @@ def test_multi_network_session_end_to_end(
     assert_nothing_left(run_id)
 
 
+MANY_SUITE = """
+import subprocess
+
+import pytest
+
+COUNT = 255  # with the default network: 256
+
+
+def ping(address, dev):
+    done = subprocess.run(["ping", "-c1", "-W2", "-I", dev, str(address)], capture_output=True, text=True)
+    assert done.returncode == 0, f"ping {address} over {dev}: {done.stdout}{done.stderr}"
+
+
+@pytest.mark.parametrize(
+    "number", [pytest.param(i, marks=pytest.mark.svctunnel_network(f"vlan{i}")) for i in range(1, COUNT + 1)]
+)
+def test_vlan(svctunnel, svctunnel_network, number):
+    assert svctunnel_network.name == f"vlan{number}"
+    ping(svctunnel_network.remote_ipv4.ip, svctunnel_network.dev)
+    ping(svctunnel_network.remote_ipv6.ip, svctunnel_network.dev)
+
+
+def test_all_of_them(svctunnel):
+    nets = list(svctunnel.networks.values())
+    assert len(nets) == COUNT + 1
+    assert len({n.vni for n in nets}) == len({n.dev for n in nets}) == len({n.local_ipv4.network for n in nets}) == 256
+    assert len({n.local_ipv6.network for n in nets}) == 256
+    ping(svctunnel.remote_ipv4.ip, svctunnel.dev)
+    ping(svctunnel.remote_ipv6.ip, svctunnel.dev)
+"""
+
+
+@pytest.mark.root
+def test_256_networks_from_plain_marks_ping_on_both_families(inner: InnerRuns, pytester: pytest.Pytester) -> None:
+    """One session, 256 networks (255 marks), over one Service port: each pings its pod end over IPv4
+    and IPv6 through its own device."""
+    pytester.makepyfile(MANY_SUITE)
+    result, run_id = inner.run("-q")
+    assert result.ret == pytest.ExitCode.OK, "\n".join(result.outlines[-40:])
+    result.assert_outcomes(passed=256)
+    ready = [line for line in result.outlines if line.startswith("svctunnel: tunnel ready in")]
+    assert len(ready) == 1, "\n".join(result.outlines[-40:])
+    assert_nothing_left(run_id)
+
+
 # -- 6. report sections ---------------------------------------------------------------------
 
 

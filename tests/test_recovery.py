@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_svctunnel import device, netns
+from pytest_svctunnel import linkbatch, netns
 from pytest_svctunnel.lab import Lab
 from pytest_svctunnel.probe import ping_once
 from pytest_svctunnel.waiting import Deadline
@@ -169,7 +169,7 @@ def test_pod_withdraws_when_the_peer_falls_silent(tunnel: Connect, agent: Lab, d
     assert fdb_points_somewhere(pod, dev)
     tunnel.proc.kill()  # the external end vanishes without a word
     tunnel.proc.wait(10)
-    device.delete_vxlan(None, dev)  # what it left here; the pod end is what this test watches
+    linkbatch.remove(None, [dev])  # what it left here; the pod end is what this test watches
     wait_until(
         lambda: not fdb_points_somewhere(pod, dev), "the pod withdrawing its forwarding entry", 3 * KEEPALIVE + 10
     )
