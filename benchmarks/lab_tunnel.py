@@ -20,8 +20,8 @@ import time
 from pytest_svctunnel import nft
 from pytest_svctunnel.backends.lab import LabBackend
 from pytest_svctunnel.config import resolve
-from pytest_svctunnel.names import device_names, new_run_id
-from pytest_svctunnel.networks import plan_networks
+from pytest_svctunnel.names import new_run_id
+from pytest_svctunnel.networks import session_plan
 from pytest_svctunnel.session import TunnelSession
 
 IPERF_PORT = 5201
@@ -57,7 +57,7 @@ def main() -> None:
     seconds = int(sys.argv[1]) if len(sys.argv) > 1 else 5
     config = resolve({"backend": "lab"}, {}, {})
     run_id = new_run_id()
-    session = TunnelSession(config, plan_networks(config.vni, [], device_names(run_id)), run_id)
+    session = TunnelSession(config, session_plan(config, run_id), run_id)
     tunnel = session.start()
     try:
         print(f"session start to first ping: {session.stopwatch.render()}")

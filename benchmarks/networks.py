@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 from pytest_svctunnel.backends.lab import LabBackend
 from pytest_svctunnel.config import resolve
-from pytest_svctunnel.names import device_names, new_run_id
-from pytest_svctunnel.networks import parse_request, plan_networks
+from pytest_svctunnel.names import new_run_id
+from pytest_svctunnel.networks import parse_request, session_plan
 from pytest_svctunnel.protocol import hello_size
 from pytest_svctunnel.session import TunnelSession
 
@@ -60,8 +60,7 @@ def measure(count: int) -> Figures:
     config = resolve({"backend": "lab"}, {}, {})
     run_id = new_run_id()
     requests = [parse_request(f"net{i}", None, None, None, "benchmark") for i in range(1, count)]
-    nets = plan_networks(config.vni, requests, device_names(run_id))
-    session = TunnelSession(config, nets, run_id)
+    session = TunnelSession(config, session_plan(config, run_id, requests), run_id)
     own_before, slab_before = rss_kib("self"), slab_kib()
     session.start()
     try:
@@ -76,7 +75,7 @@ def measure(count: int) -> Figures:
         started = time.monotonic()
         session.stop(failed=False)
         teardown = time.monotonic() - started
-    size = hello_size([n.pod_network() for n in nets])
+    size = hello_size([n.pod_network() for n in session.networks])
     return Figures(count, ready, watch.render(), size, teardown, agent_rss, own_growth, slab_growth)
 
 
@@ -97,8 +96,9 @@ def main() -> None:
     if len(results) > 1:
         first, last = results[0], results[-1]
         extra = last.count - first.count
+        ready_ms = (last.ready_s - first.ready_s) / extra * 1000
         print(
-            f"per network ({first.count} -> {last.count}): ready +{(last.ready_s - first.ready_s) / extra * 1000:.1f} ms,"
+            f"per network ({first.count} -> {last.count}): ready +{ready_ms:.1f} ms,"
             f" teardown +{(last.teardown_s - first.teardown_s) / extra * 1000:.1f} ms,"
             f" agent RSS +{(last.agent_rss_kib - first.agent_rss_kib) / extra:.1f} KiB,"
             f" kernel slab +{(last.slab_growth_kib - first.slab_growth_kib) / extra:.1f} KiB"

@@ -163,9 +163,11 @@ class Agent:
         """Remove every network and the port filter (once)."""
         if self._torn_down:
             return
-        self._remove_networks()
-        nft.delete_table("inet", nft.filter_table(self.settings.port))
-        nft.delete_table("netdev", nft.limit_table(self.settings.port))
+        try:
+            self._remove_networks()
+        finally:  # the port filter goes even if a device could not
+            nft.delete_table("inet", nft.filter_table(self.settings.port))
+            nft.delete_table("netdev", nft.limit_table(self.settings.port))
         self._torn_down = True
         self._set_state("stopped", f"removed all networks and the port filter{why}")
 
@@ -343,8 +345,10 @@ class Agent:
         mtu = min(pending.hello.mtu, device.tunnel_mtu(route.mtu, peer.address.version))
         wanted = {n.dev: n for n in pending.hello.networks}
         self._check_names_free(list(wanted))
-        gone = [self.status.networks.pop(dev) for dev in set(self.status.networks) - set(wanted)]
-        self._remove(gone)
+        gone = [net for dev, net in self.status.networks.items() if dev not in wanted]
+        self._remove(gone)  # recorded until removed: a failure leaves them for the teardown
+        for net in gone:
+            del self.status.networks[net.dev]
         self.status.networks.update(wanted)  # recorded first, so half-built devices are removed too
         bridge = self.settings.bridge
         port, specs = self.settings.port, []

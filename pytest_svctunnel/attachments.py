@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from . import claims
 from .backends.kubernetes.client import Cluster, connect
 from .backends.kubernetes.inject import InjectedEnd, InjectedPlacement, InjectOptions, find_pods
 from .backends.kubernetes.preconditions import check_injection, check_sidecar
@@ -95,7 +96,9 @@ class Attachment:
             check_injection(cluster, namespace, deadline)
         pods = {t: [str(p.metadata.name) for p in find_pods(cluster, t, deadline)] for t in targets}
         self._claim(pods)
-        built = spread_over_pods(self.planned, pods, self.counter.next_dev, self.taken)
+        built = claims.claim_networks(
+            self.run, lambda held: spread_over_pods(self.planned, pods, self.counter.next_dev, self.taken, held)
+        )
         self.stopwatch.lap("pods chosen")
         options = InjectOptions(c.port, c.peer, c.image, c.service_type, c.idle_exit)
         for target in targets:

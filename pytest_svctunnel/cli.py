@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import ipaddress
+import itertools
 import logging
 import os
 import signal
@@ -13,7 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from . import agentsettings, keys, names
+from . import agentsettings, claims, keys, linkbatch, names
 from .agent import run_agent
 from .backends.kubernetes.options import DEFAULT_IMAGE, SERVICE_TYPES
 from .config import parse_namespace
@@ -21,7 +22,7 @@ from .connector import ConnectSettings, ExternalEnd
 from .errors import ConfigError, SvcTunnelError
 from .goodbye import say_goodbye
 from .lab import Lab, lab_runs
-from .networks import DEFAULT_VNI, single_network
+from .networks import DEFAULT_VNI, Network, blocks, single_network
 from .privileges import AGENT_REMEDY, require_net_admin
 from .protocol import DEFAULT_PORT, Endpoint
 from .reaper import Reaper
@@ -105,12 +106,18 @@ def build_parser() -> argparse.ArgumentParser:
     connect.add_argument("--service", type=_service, required=True, help="Service address ADDR[:PORT]")
     connect.add_argument("--key-file", required=True)
     connect.add_argument("--vni", type=_vni, default=DEFAULT_VNI)
-    connect.add_argument("--ipv4", type=_iface(4), help="this end's IPv4 address (default 10.30.30.2/30)")
-    connect.add_argument("--ipv6", type=_iface(6), help="this end's IPv6 address (default fd00:3030::2/126)")
+    connect.add_argument(
+        "--ipv4", type=_iface(4), help="this end's IPv4 address (default: 10.30.30.2/30, or the next free /30)"
+    )
+    connect.add_argument(
+        "--ipv6", type=_iface(6), help="this end's IPv6 address (default: fd00:3030::2/126, or the next free /126)"
+    )
     connect.add_argument("--remote-ipv4", type=_iface(4), help="the pod end's IPv4 address")
     connect.add_argument("--remote-ipv6", type=_iface(6), help="the pod end's IPv6 address")
-    connect.add_argument("--dev", type=_dev, default="vxlan0")
-    connect.add_argument("--pod-dev", type=_dev, help="the device's name in the pod (default: as --dev)")
+    connect.add_argument("--dev", type=_dev, help="the device's name (default: the first free of vxlan0, vxlan1, ...)")
+    connect.add_argument(
+        "--pod-dev", type=_dev, help="the device's name in the pod (default: as --dev if given, else vxlan0)"
+    )
     connect.add_argument("--timeout", type=_timeout, default=30.0, help="handshake deadline in seconds")
     connect.add_argument("--underlay-dev", type=_dev)
     connect.add_argument("--keepalive", type=_timeout, default=5.0, help="seconds between keepalives (default 5)")
@@ -186,13 +193,26 @@ def _raise_stop(_signum: int, _frame: object) -> None:
 
 def _connect(args: argparse.Namespace) -> int:
     key = keys.read_key_file(args.key_file)
-    net = single_network(args.dev, args.vni, args.ipv4, args.ipv6, args.remote_ipv4, args.remote_ipv6)
-    net = dataclasses.replace(net, pod_dev=args.pod_dev)
+    single_network(args.dev or "vxlan0", args.vni, args.ipv4, args.ipv6, args.remote_ipv4, args.remote_ipv6)
     require_net_admin("svctunnel connect")
-    settings = ConnectSettings(args.service, key, (net,), args.timeout, args.underlay_dev, args.keepalive, args.misses)
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, _raise_stop)
-    end = ExternalEnd(settings)
+    run: Run | None = None
+    try:
+        run = Run.new()  # what it claims (device, addresses) is on record while it runs, for other runs
+        return _connect_as(run, args, key)
+    except _Stop:  # before the tunnel was up
+        return 130
+    finally:
+        if run is not None:
+            run.remove()
+
+
+def _connect_as(run: Run, args: argparse.Namespace, key: bytes) -> int:
+    group = linkbatch.new_group()
+    net = claims.claim(run, lambda others: _connect_network(args, others), lambda net: _connect_claim(net, group))
+    settings = ConnectSettings(args.service, key, (net,), args.timeout, args.underlay_dev, args.keepalive, args.misses)
+    end = ExternalEnd(settings, group=group)
     signal.signal(
         signal.SIGUSR1, lambda *_: logging.getLogger("svctunnel.connect").info("status: %s", end.status.render())
     )
@@ -215,6 +235,27 @@ def _connect(args: argparse.Namespace) -> int:
     finally:
         end.close()
     return 0 if ready else 130
+
+
+def _connect_network(args: argparse.Namespace, others: claims.Others) -> Network:
+    """The network of ``connect``: the device and addresses given, unless another run holds them; else
+    free ones (``vxlan0``, ``vxlan1``, ...; the first free blocks)."""
+    taken = set(others.links) | set(others.devices)
+    dev = args.dev or next(name for i in itertools.count() if (name := f"vxlan{i}") not in taken)
+    if dev in others.devices:
+        raise ConfigError(f"device {dev} is held by {others.devices[dev]}: choose another --dev, or leave it out")
+    if dev in others.links and not others.leftover(dev):  # a killed run's device is made anew
+        raise ConfigError(
+            f"a link named {dev} already exists on this host and is not a tunnel device svctunnel made: choose"
+            " another --dev, or leave it out"
+        )
+    held = others.except_on(dev)
+    net = single_network(dev, args.vni, args.ipv4, args.ipv6, args.remote_ipv4, args.remote_ipv6, held)
+    return dataclasses.replace(net, pod_dev=args.pod_dev or args.dev or "vxlan0")  # the pod's name stays vxlan0
+
+
+def _connect_claim(net: Network, group: int) -> claims.Claim:
+    return claims.Claim(tuple(blocks([net])), (net.dev,), group, f"svctunnel connect, pid {os.getpid()}")
 
 
 def _sidecar(args: argparse.Namespace) -> int:

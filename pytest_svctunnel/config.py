@@ -6,6 +6,7 @@ knows where each value came from (for the report header).
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ from typing import Any
 
 from .backends.kubernetes.options import DEFAULT_IMAGE, SERVICE_TYPES
 from .errors import ConfigError
+from .networks import network_option
 from .protocol import DEFAULT_PORT
 from .targets import Target, target_option
 from .values import (
@@ -89,6 +91,19 @@ OPTIONS: tuple[Option, ...] = (
     Option("peer", parse_address, None, "the address hellos must come from, as the pod sees it; others are ignored"),
     Option("port", parse_port, str(DEFAULT_PORT), "the Service's UDP port, also the pod end's listening port"),
     Option("vni", parse_vni, "333", "VNI of the default network"),
+    Option(
+        "ipv4",
+        network_option(4),
+        None,
+        "the default network's IPv4 network, e.g. 10.31.0.0/30 (the pod end takes its first address, this end the"
+        " second; default: the first /30 from 10.30.30.0 on that no other run on this host holds)",
+    ),
+    Option(
+        "ipv6",
+        network_option(6),
+        None,
+        "the default network's IPv6 network, e.g. fd00:31::/126 (default: the first free /126 from fd00:3030::)",
+    ),
     Option("timeout", parse_seconds, "60", "deadline in seconds for each setup and teardown phase"),
     Option("keep", choice(KEEP), "never", "keep what the session built: never, on-failure or always"),
     Option("underlay_dev", parse_ifname, None, "this host's device towards the Service (default: from the route)"),
@@ -128,6 +143,8 @@ class TunnelConfig:
     peer: IPAddress | None
     port: int
     vni: int
+    ipv4: ipaddress.IPv4Network | None
+    ipv6: ipaddress.IPv6Network | None
     timeout: float
     keep: str
     underlay_dev: str | None

@@ -223,7 +223,11 @@ class ExternalEnd:
     """
 
     def __init__(
-        self, settings: ConnectSettings, stopwatch: Stopwatch | None = None, health: Callable[[], None] | None = None
+        self,
+        settings: ConnectSettings,
+        stopwatch: Stopwatch | None = None,
+        health: Callable[[], None] | None = None,
+        group: int | None = None,
     ) -> None:
         self.settings = settings
         self.health = health  # raises when the pod end is gone for good (a crash loop, say)
@@ -233,7 +237,7 @@ class ExternalEnd:
         self._stop = threading.Event()
         self._keeper: threading.Thread | None = None
         self._hello: Hello | None = None
-        self._group = linkbatch.new_group()  # the link group of this end's devices
+        self.group = group or linkbatch.new_group()  # the link group of this end's devices
         self.connection: Connection | None = None
 
     def open(self) -> Connection:
@@ -254,7 +258,7 @@ class ExternalEnd:
         names = [net.dev for net in s.networks]
         linkbatch.refuse_foreign(linkbatch.existing(None, names), "choose other device names (--dev)")
         self._hello = Hello(mtu, tuple(n.pod_network() for n in s.networks), round(s.keepalive * 1000), s.misses)
-        self._stack.callback(linkbatch.remove, None, names, self._group)
+        self._stack.callback(linkbatch.remove, None, names, self.group)
         connection = self._connect(route, Deadline.after(s.timeout), self.stopwatch)
         log.info(
             "up: the pod sees this end as %s; %d network(s), mtu %d",
@@ -277,7 +281,7 @@ class ExternalEnd:
             addresses = tuple(a for a in (net.local_ipv4, net.local_ipv6) if a is not None)
             spec = device.VxlanSpec(net.dev, net.vni, local.port, route.source, underlay, mtu, addresses, s.service)
             specs.append(spec)
-        linkbatch.build(None, specs, self._group)
+        linkbatch.build(None, specs, self.group)
         stopwatch.lap("devices")
         wait_carries_traffic(nets, deadline, self._stop)
         stopwatch.lap("first ping")

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from .errors import ConfigError, SvcTunnelError
-from .networks import ATTACH, Network, NetworkRequest, parse_request
+from .networks import ATTACH, Network, NetworkRequest, parse_request, session_plan
 from .stash import STASH, PluginStash
 from .targets import Target, parse_target
 
@@ -28,7 +28,8 @@ def _tunnel_session(request: pytest.FixtureRequest) -> tuple[PluginStash, Tunnel
     if state.session is None:
         from .session import TunnelSession  # netlink and the backends load only when a tunnel is wanted
 
-        state.session = TunnelSession(state.config, state.networks, state.run_id)
+        plan = state.plan or session_plan(state.config, state.run_id)
+        state.session = TunnelSession(state.config, plan, state.run_id)
     return state, state.session
 
 

@@ -1,8 +1,9 @@
 """A run's objects on this host, found by its id alone: what exists, and removing all of it.
 
 A run may own network namespaces ``svt-<id>-*`` (a lab, a test cluster's nodes), links
-``svt<id>-*`` in this namespace (a lab's wire, the tunnel devices), the lab's agent and any
-process inside its namespaces. Used by the lab's ``down``, by ``svctunnel reap`` for runs
+``svt<id>-*`` in this namespace (a lab's wire, the tunnel devices), devices it claimed under names
+of the user's choice (``svctunnel connect --dev``), the lab's agent and any process inside its
+namespaces. Used by the lab's ``down``, by ``svctunnel reap`` for runs
 whose owner is gone, and by the tests' cluster network. Needs nothing the run recorded but
 its agent's pid file, so it also works for a run whose setup was cut short.
 """
@@ -13,7 +14,7 @@ import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import device, names, netns, pids
+from . import claims, device, linkbatch, names, netns, pids, rtnl
 from .errors import LabError, SvcTunnelError
 from .labagent import LabAgent
 from .runs import Run
@@ -39,7 +40,7 @@ class Leftovers:
         agent = _agent(run)
         if agent.alive() and agent.pid is not None:
             found.add(agent.pid)
-        links = tuple(device.links_with_prefix(None, names.link_prefix(run.id)))
+        links = tuple(device.links_with_prefix(None, names.link_prefix(run.id))) + tuple(claimed_links(run))
         return cls(namespaces, links, tuple(sorted(found)))
 
     def describe(self) -> str:
@@ -51,6 +52,21 @@ class Leftovers:
         if self.cluster:
             parts.append(f"Kubernetes {self.cluster}")
         return "; ".join(parts) if parts else "only its state directory"
+
+
+def claimed_links(run: Run) -> list[str]:
+    """The devices a run claimed under names of the user's choice (``svctunnel connect --dev``) that
+    still exist: VXLAN devices of the link group it recorded, never another link of that name."""
+    claim = claims.read(run)
+    if claim is None or claim.group is None or not claim.devices:
+        return []
+    with rtnl.opened(None) as nl:
+        links = nl.links()
+    return [
+        name
+        for name in claim.devices
+        if name in links and links[name].kind == "vxlan" and links[name].group == claim.group
+    ]
 
 
 def _agent(run: Run) -> LabAgent:
@@ -80,6 +96,9 @@ def remove_run_objects(run: Run, deadline: Deadline, agent: LabAgent | None = No
     prefix = names.link_prefix(run.id)
     for name in device.links_with_prefix(None, prefix):
         device.delete_link(None, name)
+    claimed = claimed_links(run)
+    if claimed:
+        linkbatch.remove(None, claimed)
     # again: a process may have entered a namespace between the first look and its removal
     if stuck := pids.terminate(pids.in_netns(identities), deadline):
         errors.append(f"processes {', '.join(str(p.pid) for p in stuck)} in its namespaces survived SIGKILL")

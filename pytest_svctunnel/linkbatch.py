@@ -18,14 +18,18 @@ from .device import IFA_F_NODAD, IPInterface, VxlanSpec
 from .errors import KernelError
 from .protocol import Endpoint
 from .rtnl import Link, Request
+from .values import IPAddress
 from .waiting import Deadline, wait_for
 
 _GONE = frozenset({errno.ENODEV, errno.ENOENT})
 
 
+GROUP_MARK = 0x5356  # 'SV': the high half of every link group svctunnel gives its devices
+
+
 def new_group() -> int:
     """A link group for one end's devices: random, so that no other end (or user) shares it."""
-    return 0x53560000 | secrets.randbelow(0xFFFF) + 1  # 'SV' in the high half; never 0, the default
+    return GROUP_MARK << 16 | secrets.randbelow(0xFFFF) + 1  # never 0, the default group
 
 
 def _matches(link: Link, spec: VxlanSpec, underlay: int | None) -> bool:
@@ -65,8 +69,9 @@ def _create(spec: VxlanSpec, group: int, underlay: int | None) -> Request:
     )
 
 
-def _set(link: Link, *, up: bool | None = None, mtu: int | None = None) -> Request:
+def _set(link: Link, *, up: bool | None = None, mtu: int | None = None, group: int | None = None) -> Request:
     extra = rtnl.attr(rtnl.IFLA_MTU, rtnl.u32(mtu)) if mtu is not None else b""
+    extra += rtnl.attr(rtnl.IFLA_GROUP, rtnl.u32(group)) if group is not None else b""
     what = f"bringing {link.name} up" if up else f"setting MTU {mtu} on {link.name}"
     return Request(rtnl.RTM_NEWLINK, 0, rtnl.link_request(link.index, up=up, extra=extra), what)
 
@@ -92,10 +97,12 @@ def _point(link: Link, peer: Endpoint) -> Request:
     return Request(rtnl.RTM_NEWNEIGH, flags, body, f"pointing {link.name} at {peer}")
 
 
-def _unpoint(link: Link, peer: Endpoint) -> Request:
-    # with its port: without it the kernel looks for an entry on the device's own port and finds none
-    body = rtnl.fdb_body(link.index, peer.address, peer.port)
-    return Request(rtnl.RTM_DELNEIGH, 0, body, f"removing the forwarding entry of {link.name} to {peer}", _GONE)
+def _unpoint(link: Link, address: IPAddress, port: int | None) -> Request:
+    # with the entry's port as dumped: without it the kernel looks for one on the device's own port,
+    # which is right only where the dump left the port out (it was the device's own)
+    body = rtnl.fdb_body(link.index, address, port)
+    what = f"removing the forwarding entry of {link.name} to {address} port {port or 'of the device'}"
+    return Request(rtnl.RTM_DELNEIGH, 0, body, what, _GONE)
 
 
 def existing(netns: str | None, names: Collection[str]) -> dict[str, str | None]:
@@ -134,7 +141,7 @@ def build(netns: str | None, specs: Sequence[VxlanSpec], group: int) -> None:
         lost = [s.name for s in specs if s.name not in now]
         if lost:
             raise KernelError(f"{', '.join(lost)} was created but cannot be found; another process removed it")
-        requests = [_set(now[s.name], mtu=s.mtu) for s in specs if s.name in kept]
+        requests = [_set(now[s.name], mtu=s.mtu, group=group) for s in specs if s.name in kept]
         requests += [_address(now[s.name], a) for s in specs for a in s.addresses]
         nl.run(requests)
         _repoint(nl, {now[s.name].index: now[s.name] for s in specs if s.name in kept}, None)
@@ -161,7 +168,7 @@ def _repoint(nl: rtnl.Socket, links: dict[int, Link], peer: Endpoint | None) -> 
     if not links:
         return
     old = nl.zero_entries(set(links))
-    nl.run([_unpoint(links[index], Endpoint(address, port)) for index, address, port in old])
+    nl.run([_unpoint(links[index], address, port) for index, address, port in old])
     if peer is not None:
         nl.run([_point(link, peer) for link in links.values()])
 

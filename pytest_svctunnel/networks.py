@@ -11,13 +11,17 @@ import ipaddress
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from .errors import ConfigError
+from .names import device_names
 from .netcodec import MAX_NETWORKS, PodNetwork
 from .protocol import MAX_DATAGRAM, hello_size
 from .targets import Target, parse_target
 from .values import parse_ifname
+
+if TYPE_CHECKING:
+    from .config import TunnelConfig
 
 DEFAULT_NAME = "default"
 ATTACH = "svctunnel_attach"  # the ``where`` of requests made through that fixture
@@ -31,6 +35,7 @@ _POOL_IPV6 = ipaddress.IPv6Network("fd00:3030::/112")
 _POOL_START = {4: DEFAULT_IPV4.network_address, 6: DEFAULT_IPV6.network_address}
 MAX_VNI = 0xFFFFFF
 
+Held = tuple[str, "AnyNetwork"]  # an address block another run (or this host) holds, and who: for the error
 Disabled = Literal[False]
 Net4 = ipaddress.IPv4Network | None | Disabled
 Net6 = ipaddress.IPv6Network | None | Disabled
@@ -180,6 +185,24 @@ def _parse_net(value: object, version: int, fail: Callable[[str], ConfigError]) 
     return net
 
 
+def network_option(version: int) -> Callable[[str], AnyNetwork]:
+    """A parser of an option's network of one IP version, with room for both ends."""
+    example = "10.30.30.0/30" if version == 4 else "fd00:3030::/126"
+
+    def parse(text: str) -> AnyNetwork:
+        try:
+            net = ipaddress.ip_network(text, strict=True)
+        except ValueError:
+            raise ValueError(f"not a network; give one like {example}") from None
+        if net.version != version:
+            raise ValueError(f"an IPv{net.version} network; give one like {example}")
+        if len(list(_two_hosts(net))) < 2:
+            raise ValueError("room for fewer than two addresses")
+        return net
+
+    return parse
+
+
 def _two_hosts(net: AnyNetwork) -> Iterable[ipaddress.IPv4Address | ipaddress.IPv6Address]:
     hosts: Iterator[Any] = iter(net.hosts())
     for _ in range(2):
@@ -223,7 +246,8 @@ def merge_requests(requests: Sequence[NetworkRequest]) -> list[NetworkRequest]:
 
 def natural_order(name: str) -> tuple[tuple[tuple[int, str], ...], str]:
     """Sort key that puts ``vlan9`` before ``vlan10``: numbers compare as numbers (``a0`` before ``a00``)."""
-    parts = tuple((int(part), "") if part.isdigit() else (-1, part) for part in re.split(r"(\d+)", name) if part)
+    split = re.split(r"(\d+)", name)  # odd places hold the numbers
+    parts = tuple((int(part), "") if i % 2 else (-1, part) for i, part in enumerate(split) if part)
     return parts, name
 
 
@@ -249,17 +273,20 @@ class _Spans:
 class _Allocator:
     """Hands out the next free /30 (/126) block of a pool and the next free VNI, skipping taken ones."""
 
-    def __init__(self, taken: Sequence[AnyNetwork], vnis: set[int]) -> None:
+    def __init__(
+        self, taken: Sequence[AnyNetwork], vnis: set[int], owners: Sequence[tuple[str, AnyNetwork]] = ()
+    ) -> None:
         self.spans = {4: _Spans(), 6: _Spans()}
         for net in taken:
             self._take(net)
         self.vnis = set(vnis)
+        self.owners = list(owners)  # who holds which of ``taken``, for the error when a pool is full
         self._cursor: dict[tuple[AnyNetwork, int], int] = {}
 
     def _take(self, net: AnyNetwork) -> None:
         self.spans[net.version].add(int(net.network_address), int(net.broadcast_address))
 
-    def subnet(self, pool: AnyNetwork, prefix: int) -> AnyNetwork:
+    def subnet(self, pool: AnyNetwork, prefix: int, name: str = "") -> AnyNetwork:
         size = 2 ** (pool.max_prefixlen - prefix)
         count = pool.num_addresses // size
         base = int(pool.network_address)
@@ -272,7 +299,14 @@ class _Allocator:
                 block = ipaddress.ip_network((start, prefix))
                 self._take(block)
                 return block
-        raise ConfigError(f"no free {pool} block left for another network; give ipv4=/ipv6= explicitly")
+        inside = [f"{who} ({net})" for who, net in self.owners if net.version == pool.version and net.overlaps(pool)]
+        what = f"svctunnel network {name!r}" if name else "a svctunnel network"
+        how = "--svctunnel-ipv4/--svctunnel-ipv6" if name == DEFAULT_NAME else "ipv4=/ipv6="
+        raise ConfigError(
+            f"{what} gets no free {pool} block left"
+            + (f"; these overlap the pool: {', '.join(inside)}" if inside else "")
+            + f"; give it addresses of its own ({how}) or move what overlaps the pool"
+        )
 
     def vni(self, base: int) -> int:
         vni = (base - 1) % MAX_VNI + 1  # wrap past the top of the range
@@ -288,35 +322,90 @@ def plan_networks(
     dev_name: Sequence[str],
     default_target: Target | None = None,
     default_pod_dev: str | None = None,
+    default_ipv4: ipaddress.IPv4Network | None = None,
+    default_ipv6: ipaddress.IPv6Network | None = None,
+    held: Sequence[Held] = (),
 ) -> tuple[Network, ...]:
     """The default network plus one per distinct request, with conflict checks.
 
     ``dev_name[i]`` names the device of the i-th network (0 is the default).
     Extra networks are ordered by name, so the defaults they get are deterministic.
     ``default_target`` is where the default network and every request without a target of its
-    own go (None: the plugin's own pod end); ``default_pod_dev`` the default network's pod device.
-    A target's networks are planned for one pod; ``spread_over_pods`` gives the other pods theirs.
+    own go (None: the plugin's own pod end); ``default_pod_dev`` the default network's pod device;
+    ``default_ipv4``/``default_ipv6`` its addresses (None: the first free blocks, 10.30.30.0/30 and
+    fd00:3030::/126 unless taken). ``held`` are blocks that others on this host hold: networks
+    without addresses of their own avoid them, one with addresses of its own that overlaps is a
+    ConfigError naming the holder. A target's networks are planned for one pod;
+    ``spread_over_pods`` gives the other pods theirs.
     """
     merged = merge_requests(requests)
     if len(merged) + 1 > min(len(dev_name), MAX_NETWORKS):
         raise ConfigError(f"at most {min(len(dev_name), MAX_NETWORKS) - 1} extra networks per session")
-    explicit: list[tuple[str, AnyNetwork]] = [(DEFAULT_NAME, DEFAULT_IPV4), (DEFAULT_NAME, DEFAULT_IPV6)]
+    explicit: list[tuple[str, AnyNetwork]] = [(DEFAULT_NAME, n) for n in (default_ipv4, default_ipv6) if n]
     for req in merged:
         explicit += [(req.name, n) for n in (req.ipv4, req.ipv6) if n]
     _check_overlaps(explicit)
+    check_held(explicit, held)
     _check_vnis(default_vni, merged)
-    alloc = _Allocator([n for _, n in explicit], {default_vni} | {r.vni for r in merged if r.vni})
-    default = make_network(DEFAULT_NAME, default_vni, dev_name[0], DEFAULT_IPV4, DEFAULT_IPV6)
+    owners = [(repr(name), n) for name, n in explicit] + list(held)  # for the error if a pool is full
+    alloc = _Allocator([n for _, n in owners], {default_vni} | {r.vni for r in merged if r.vni}, owners)
+    own4 = default_ipv4 or alloc.subnet(_POOL_IPV4, 30, DEFAULT_NAME)
+    own6 = default_ipv6 or alloc.subnet(_POOL_IPV6, 126, DEFAULT_NAME)
+    default = make_network(DEFAULT_NAME, default_vni, dev_name[0], own4, own6)
     nets = [replace(default, target=default_target, pod_dev=default_pod_dev)]
     for index, req in enumerate(merged, start=1):
-        net4 = req.ipv4 if req.ipv4 is not None else alloc.subnet(_POOL_IPV4, 30)
-        net6 = req.ipv6 if req.ipv6 is not None else alloc.subnet(_POOL_IPV6, 126)
+        net4 = req.ipv4 if req.ipv4 is not None else alloc.subnet(_POOL_IPV4, 30, req.name)
+        net6 = req.ipv6 if req.ipv6 is not None else alloc.subnet(_POOL_IPV6, 126, req.name)
         vni = req.vni if req.vni is not None else alloc.vni(default_vni + index)
         net = make_network(req.name, vni, dev_name[index], net4 or None, net6 or None)
         nets.append(replace(net, target=req.target or default_target, pod_dev=req.pod_dev))
     _check_pod_devs(nets)
     check_hellos_fit(nets)
     return tuple(nets)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a session asks for (``plan_networks``' arguments); ``networks(held)`` plans it around
+    the blocks that others on this host hold, when the session claims its addresses."""
+
+    default_vni: int
+    requests: tuple[NetworkRequest, ...] = ()
+    dev_name: tuple[str, ...] = ()
+    target: Target | None = None
+    pod_dev: str | None = None
+    ipv4: ipaddress.IPv4Network | None = None
+    ipv6: ipaddress.IPv6Network | None = None
+
+    def networks(self, held: Sequence[Held] = ()) -> tuple[Network, ...]:
+        return plan_networks(
+            self.default_vni, self.requests, self.dev_name, self.target, self.pod_dev, self.ipv4, self.ipv6, held
+        )
+
+
+def session_plan(config: TunnelConfig, run_id: str, requests: Sequence[NetworkRequest] = ()) -> Plan:
+    """The plan of a session with these settings and marks."""
+    names = tuple(device_names(run_id))
+    return Plan(config.vni, tuple(requests), names, config.target, config.pod_dev, config.ipv4, config.ipv6)
+
+
+def check_held(explicit: Sequence[tuple[str, AnyNetwork]], held: Sequence[Held], remedy: str = "") -> None:
+    """A network with addresses of its own must not overlap what another run (or this host) holds."""
+    for name, net in explicit:
+        for owner, block in held:
+            if net.version == block.version and net.overlaps(block):
+                how = remedy or (
+                    "move it with --svctunnel-ipv4/--svctunnel-ipv6 (env SVCTUNNEL_IPV4/SVCTUNNEL_IPV6), or leave"
+                    " them out to get free addresses"
+                    if name == DEFAULT_NAME
+                    else "give its mark other ipv4=/ipv6=, or leave them out to get free ones"
+                )
+                raise ConfigError(f"svctunnel network {name!r} ({net}) overlaps {block}, which {owner} holds: {how}")
+
+
+def blocks(nets: Sequence[Network]) -> list[AnyNetwork]:
+    """The address blocks of this end's side of the networks."""
+    return [a.network for n in nets for a in (n.local_ipv4, n.local_ipv6) if a is not None]
 
 
 def check_targets_need_a_cluster(nets: Sequence[Network], backend: str) -> None:
@@ -333,11 +422,11 @@ def check_targets_need_a_cluster(nets: Sequence[Network], backend: str) -> None:
 
 def check_hellos_fit(nets: Sequence[Network]) -> None:
     """Each pod end's networks travel in one hello datagram of at most MAX_DATAGRAM bytes."""
-    ends: dict[Target | None, list[Network]] = {}
+    ends: dict[tuple[Target | None, str | None], list[Network]] = {}
     for net in nets:
-        ends.setdefault(net.target, []).append(net)
-    for target, group in ends.items():
-        where = f"target {target}" if target else "the pod end"
+        ends.setdefault((net.target, net.pod), []).append(net)
+    for (target, pod), group in ends.items():
+        where = f"pod {pod} of target {target}" if pod else f"target {target}" if target else "the pod end"
         if len(group) > MAX_NETWORKS:
             raise ConfigError(f"{len(group)} svctunnel networks go into {where}; one pod end takes {MAX_NETWORKS}")
         size = hello_size([n.pod_network() for n in group])
@@ -369,34 +458,33 @@ def spread_over_pods(
     pods: Mapping[Target, Sequence[str]],
     next_dev: Callable[[], str],
     taken: Sequence[Network] = (),
+    held: Sequence[Held] = (),
 ) -> tuple[Network, ...]:
     """Every network as built: one per pod of its target (``pods`` lists them, sorted), the first
     pod's as planned, every other pod's with its own local device (``next_dev()``), its own VNI and
     its own address blocks (none of ``taken``'s). A network whose addresses were given explicitly
     fits one pod only: a ConfigError says so when its target has more."""
     everything = [*taken, *nets]
-    alloc = _Allocator(
-        [a.network for n in everything for a in (n.local_ipv4, n.local_ipv6) if a is not None],
-        {n.vni for n in everything},
-    )
-    built: list[Network] = []
-    for net in nets:
-        if net.target is None:
-            built.append(net)
-            continue
-        names = list(pods[net.target])
-        built.append(replace(net, pod=names[0]))
-        for pod in names[1:]:
-            if not _default_addresses(net):
-                raise ConfigError(
-                    f"svctunnel network {net.name!r} has addresses of its own, but target {net.target} matches"
-                    f" {len(names)} pods ({', '.join(names)}): leave ipv4=/ipv6= out (each pod gets its own"
-                    " block) or target one pod"
-                )
-            net4 = alloc.subnet(_POOL_IPV4, 30) if net.local_ipv4 else None
-            net6 = alloc.subnet(_POOL_IPV6, 126) if net.local_ipv6 else None
-            other = make_network(net.name, alloc.vni(net.vni + 1), next_dev(), net4, net6)
-            built.append(replace(other, pod_dev=net.pod_dev, target=net.target, pod=pod))
+    alloc = _Allocator([*blocks(everything), *(block for _, block in held)], {n.vni for n in everything})
+    built = [net if net.target is None else replace(net, pod=pods[net.target][0]) for net in nets]
+    for target in dict.fromkeys(n.target for n in nets if n.target is not None):
+        names, own = list(pods[target]), [n for n in nets if n.target == target]
+        fixed = [n.name for n in own if not _default_addresses(n)]
+        if fixed and len(names) > 1:
+            raise ConfigError(
+                f"svctunnel network {fixed[0]!r} has addresses of its own, but target {target} matches"
+                f" {len(names)} pods ({', '.join(names)}): leave ipv4=/ipv6= out (each pod gets its own"
+                " block) or target one pod"
+            )
+        for pod in names[1:]:  # pod by pod, so that each pod's networks follow each other (one run in its hello)
+            vni = own[0].vni
+            for net in own:
+                net4 = alloc.subnet(_POOL_IPV4, 30) if net.local_ipv4 else None
+                net6 = alloc.subnet(_POOL_IPV6, 126) if net.local_ipv6 else None
+                vni = alloc.vni(vni + 1)
+                other = make_network(net.name, vni, next_dev(), net4, net6)
+                built.append(replace(other, pod_dev=net.pod_dev, target=target, pod=pod))
+    check_hellos_fit(built)
     return tuple(built)
 
 
@@ -406,15 +494,18 @@ def plan_attached(
     taken: Sequence[Network],
     next_dev: Callable[[], str],
     base_vni: int,
+    held: Sequence[Held] = (),
 ) -> tuple[Network, ...]:
     """The networks of one ``svctunnel_attach`` call into ``target``, planned for one pod: each
-    request's own addresses and VNI where it gives them, else free ones (none of ``taken``'s); the
-    device in the pod is ``pod_dev``, else the network's name."""
+    request's own addresses and VNI where it gives them, else free ones (none of ``taken``'s, none
+    of ``held``); the device in the pod is ``pod_dev``, else the network's name."""
     merged = merge_requests(requests)
     explicit = [(r.name, n) for r in merged for n in (r.ipv4, r.ipv6) if n]
     used = [(n.name, a.network) for n in taken for a in (n.local_ipv4, n.local_ipv6) if a is not None]
     _check_overlaps([*used, *explicit])
-    alloc = _Allocator([n for _, n in [*used, *explicit]], {n.vni for n in taken} | {r.vni for r in merged if r.vni})
+    check_held(explicit, held, "give it other ipv4=/ipv6=, or leave them out to get free ones")
+    vnis = {n.vni for n in taken} | {r.vni for r in merged if r.vni}
+    alloc = _Allocator([n for _, n in [*used, *explicit, *held]], vnis)
     nets = []
     for req in merged:
         net4 = req.ipv4 if req.ipv4 is not None else alloc.subnet(_POOL_IPV4, 30)
@@ -464,13 +555,21 @@ def single_network(
     ipv6: ipaddress.IPv6Interface | None,
     remote_ipv4: ipaddress.IPv4Interface | None,
     remote_ipv6: ipaddress.IPv6Interface | None,
+    held: Sequence[Held] = (),
 ) -> Network:
-    """The network ``svctunnel connect`` builds: flags where given, else the defaults.
+    """The network ``svctunnel connect`` builds: flags where given, else the first free blocks
+    (10.30.30.0/30 and fd00:3030::/126 unless ``held``).
 
     A local address without a remote one gets the other end's address from the same
-    subnet (the first host that is not the local address).
+    subnet (the first host that is not the local address). An address given that overlaps
+    ``held`` is a ConfigError naming the holder.
     """
-    base = make_network(DEFAULT_NAME, vni, dev, DEFAULT_IPV4, DEFAULT_IPV6)
+    given = [(DEFAULT_NAME, a.network) for a in (ipv4, ipv6, remote_ipv4, remote_ipv6) if a is not None]
+    check_held(given, held, "give other --ipv4/--ipv6 (and --remote-*), or leave them out to get free addresses")
+    alloc = _Allocator([block for _, block in [*given, *held]], set())
+    free4 = alloc.subnet(_POOL_IPV4, 30) if ipv4 is None and remote_ipv4 is None else None
+    free6 = alloc.subnet(_POOL_IPV6, 126) if ipv6 is None and remote_ipv6 is None else None
+    base = make_network(DEFAULT_NAME, vni, dev, free4, free6)
     local4 = ipv4 or (None if remote_ipv4 else base.local_ipv4)
     local6 = ipv6 or (None if remote_ipv6 else base.local_ipv6)
     remote4 = remote_ipv4 or (_other_host(local4) if ipv4 else base.remote_ipv4 if local4 else None)

@@ -12,8 +12,8 @@ from . import interrupts
 from .config import OPTIONS, resolve
 from .errors import ConfigError, SvcTunnelError
 from .fixtures import svctunnel, svctunnel_attach, svctunnel_network, svctunnel_networks, svctunnel_sidecar
-from .names import device_names, new_run_id
-from .networks import NetworkRequest, check_targets_need_a_cluster, parse_request, plan_networks
+from .names import new_run_id
+from .networks import NetworkRequest, check_targets_need_a_cluster, parse_request, session_plan
 from .runs import Run
 from .shield import shield
 from .stash import STASH, PluginStash
@@ -147,9 +147,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         for item in items:
             for mark in item.iter_markers(MARKER):
                 requests.append(_request(mark, item.nodeid))
-        cfg = state.config
-        state.networks = plan_networks(cfg.vni, requests, device_names(state.run_id), cfg.target, cfg.pod_dev)
-        check_targets_need_a_cluster(state.networks, cfg.backend)
+        state.plan = session_plan(state.config, state.run_id, requests)
+        state.networks = state.plan.networks()
+        check_targets_need_a_cluster(state.networks, state.config.backend)
     except ConfigError as exc:
         raise pytest.UsageError(f"svctunnel: {exc}") from None
 

@@ -26,7 +26,7 @@ from .waiting import Deadline
 # message types and flags (linux/netlink.h, linux/rtnetlink.h)
 NLMSG_ERROR, NLMSG_DONE = 2, 3
 RTM_NEWLINK, RTM_DELLINK, RTM_GETLINK = 16, 17, 18
-RTM_NEWADDR = 20
+RTM_NEWADDR, RTM_GETADDR = 20, 22
 RTM_GETROUTE = 26
 RTM_NEWNEIGH, RTM_DELNEIGH, RTM_GETNEIGH = 28, 29, 30
 NLM_F_REQUEST, NLM_F_ACK, NLM_F_DUMP = 0x1, 0x4, 0x300
@@ -107,9 +107,11 @@ def address_body(index: int, address: ipaddress.IPv4Interface | ipaddress.IPv6In
     return head + attr(IFA_LOCAL, packed) + attr(IFA_ADDRESS, packed)
 
 
-def fdb_body(index: int, address: ipaddress.IPv4Address | ipaddress.IPv6Address, port: int) -> bytes:
+def fdb_body(index: int, address: ipaddress.IPv4Address | ipaddress.IPv6Address, port: int | None) -> bytes:
+    """A default forwarding entry to ``address``: at ``port``, or (None) at the device's own port."""
     head = _ND.pack(AF_BRIDGE, index, NUD_NOARP_PERMANENT, NTF_SELF, 0)
-    return head + attr(NDA_LLADDR, bytes(6)) + attr(NDA_DST, address.packed) + attr(NDA_PORT, be16(port))
+    body = head + attr(NDA_LLADDR, bytes(6)) + attr(NDA_DST, address.packed)
+    return body + attr(NDA_PORT, be16(port)) if port is not None else body
 
 
 @dataclass
@@ -125,6 +127,9 @@ class Link:
 
 
 CLONE_NEWNET = 0x40000000
+SO_RCVBUFFORCE = 33
+NLM_F_DUMP_INTR = 0x10
+_DUMP_TRIES = 5
 _NETNS_DIR = "/run/netns"
 
 
@@ -149,9 +154,13 @@ class Socket:
 
     def __init__(self, netns: str | None = None) -> None:
         self.sock = _route_socket(netns)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 21)
+        try:  # room for a whole batch's answers; beyond rmem_max needs CAP_NET_ADMIN, which we have
+            self.sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 1 << 21)
+        except PermissionError:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 21)
         self.sock.bind((0, 0))
         self.sequence = secrets.randbelow(1 << 30)
+        self.interrupted = False  # the last dump's answers said it changed while it ran
 
     def close(self) -> None:
         self.sock.close()
@@ -170,7 +179,10 @@ class Socket:
                 sequence, frame = self._frame(request.kind, request.flags | NLM_F_REQUEST | NLM_F_ACK, request.body)
                 pending[sequence] = request
                 data += frame
-            self.sock.sendall(bytes(data))
+            try:
+                self.sock.sendall(bytes(data))
+            except OSError as exc:
+                raise KernelError(f"sending {len(pending)} netlink request(s): {exc}") from None
             failures = self._acks(pending)
             if failures:
                 request, code = failures[0]
@@ -192,29 +204,45 @@ class Socket:
     def _receive(self, deadline: Deadline, waiting: int) -> Iterator[tuple[int, int, bytes]]:
         self.sock.settimeout(max(deadline.remaining(), 0.01))
         try:
-            data = self.sock.recv(1 << 21)
+            data = self.sock.recv(1 << 16)
         except TimeoutError:
             raise KernelError(f"the kernel answered none of {waiting} netlink request(s) in {_ANSWER_S:g} s") from None
+        except OSError as exc:  # ENOBUFS: answers were lost
+            raise KernelError(f"reading the kernel's netlink answers: {exc}") from None
         offset = 0
         while offset + _HEADER.size <= len(data):
-            length, kind, _flags, sequence, _port = _HEADER.unpack_from(data, offset)
+            length, kind, flags, sequence, _port = _HEADER.unpack_from(data, offset)
+            if flags & NLM_F_DUMP_INTR:
+                self.interrupted = True
             yield kind, sequence, data[offset + _HEADER.size : offset + length]
             offset += max((length + 3) & ~3, _HEADER.size)
 
     def dump(self, kind: int, body: bytes) -> list[bytes]:
-        """The payloads of every message a dump request answers with."""
+        """The payloads of every message a dump request answers with; a dump that the kernel says
+        changed while it ran (NLM_F_DUMP_INTR) is taken again."""
+        for _ in range(_DUMP_TRIES):
+            self.interrupted = False
+            out = self._dump_once(kind, body)
+            if not self.interrupted:
+                return out
+        raise KernelError(f"netlink dump {kind} kept changing while it ran ({_DUMP_TRIES} tries)")
+
+    def _dump_once(self, kind: int, body: bytes) -> list[bytes]:
         sequence, frame = self._frame(kind, NLM_F_REQUEST | NLM_F_DUMP, body)
-        self.sock.sendall(frame)
+        try:
+            self.sock.sendall(frame)
+        except OSError as exc:
+            raise KernelError(f"sending netlink dump {kind}: {exc}") from None
         deadline, out = Deadline.after(_ANSWER_S), list[bytes]()
         while True:
             for answer, answered, payload in self._receive(deadline, 1):
                 if answered != sequence:
                     continue
-                if answer == NLMSG_DONE:
+                if answer in (NLMSG_DONE, NLMSG_ERROR):
+                    code = -struct.unpack_from("=i", payload)[0] if len(payload) >= 4 else 0
+                    if code:
+                        raise KernelError(f"netlink dump {kind}: {os.strerror(code)}")
                     return out
-                if answer == NLMSG_ERROR:
-                    code = -struct.unpack_from("=i", payload)[0]
-                    raise KernelError(f"netlink dump {kind}: {os.strerror(code)}")
                 out.append(payload)
 
     def links(self) -> dict[str, Link]:
@@ -223,6 +251,17 @@ class Socket:
         for payload in self.dump(RTM_GETLINK, _IFINFO.pack(socket.AF_UNSPEC, 0, 0, 0, 0)):
             link = _parse_link(payload)
             found[link.name] = link
+        return found
+
+    def addresses(self) -> list[tuple[int, ipaddress.IPv4Interface | ipaddress.IPv6Interface]]:
+        """Every address of the namespace: the index of its link, and the address with its prefix."""
+        found = []
+        for payload in self.dump(RTM_GETADDR, _IFADDR.pack(socket.AF_UNSPEC, 0, 0, 0, 0)):
+            _family, prefix, _flags, _scope, index = _IFADDR.unpack_from(payload)
+            fields = dict(attrs(payload[_IFADDR.size :]))
+            raw = fields.get(IFA_LOCAL) or fields.get(IFA_ADDRESS)
+            if raw is not None and len(raw) in (4, 16):
+                found.append((index, ipaddress.ip_interface((ipaddress.ip_address(raw), prefix))))
         return found
 
     def local_addresses(self) -> set[str]:
@@ -238,8 +277,11 @@ class Socket:
                         found.add(str(ipaddress.ip_address(value)))
         return found
 
-    def zero_entries(self, indexes: set[int]) -> list[tuple[int, ipaddress.IPv4Address | ipaddress.IPv6Address, int]]:
-        """The default (all-zero MAC) forwarding entries of the links ``indexes``: index, address, port."""
+    def zero_entries(
+        self, indexes: set[int]
+    ) -> list[tuple[int, ipaddress.IPv4Address | ipaddress.IPv6Address, int | None]]:
+        """The default (all-zero MAC) forwarding entries of the links ``indexes``: index, address, and
+        port (None: the device's own, which the kernel leaves out of the dump)."""
         out = []
         for payload in self.dump(RTM_GETNEIGH, _ND.pack(AF_BRIDGE, 0, 0, 0, 0)):
             _family, index, _state, _flags, _type = _ND.unpack_from(payload)
@@ -248,7 +290,7 @@ class Socket:
             fields = dict(attrs(payload[_ND.size :]))
             dst, mac = fields.get(NDA_DST), fields.get(NDA_LLADDR)
             if dst and mac == bytes(6):
-                port = struct.unpack("!H", fields[NDA_PORT])[0] if NDA_PORT in fields else 0
+                port = struct.unpack("!H", fields[NDA_PORT])[0] if NDA_PORT in fields else None
                 out.append((index, ipaddress.ip_address(dst), port))
         return out
 

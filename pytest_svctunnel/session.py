@@ -11,12 +11,12 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from . import diagnostics, keys, names, neighbours
+from . import claims, diagnostics, keys, names, neighbours
 from .backends import make_backend
 from .backends.base import Backend
 from .config import TunnelConfig
 from .connector import Connection, ConnectSettings, ExternalEnd
-from .networks import DEFAULT_NAME, Network, NetworkMap, NetworkRequest, plan_attached
+from .networks import DEFAULT_NAME, Held, Network, NetworkMap, NetworkRequest, Plan, plan_attached
 from .privileges import require_net_admin
 from .protocol import Endpoint
 from .runs import Run
@@ -111,9 +111,10 @@ class TunnelSession:
     re-raising. ``stop`` removes everything, or applies --svctunnel-keep.
     """
 
-    def __init__(self, config: TunnelConfig, networks: tuple[Network, ...], run_id: str) -> None:
+    def __init__(self, config: TunnelConfig, plan: Plan, run_id: str) -> None:
         self.config = config
-        self.networks = networks
+        self.plan = plan
+        self.networks = plan.networks()  # as asked; ``start`` plans them anew around what others hold
         self.run_id = run_id
         self._stack = ExitStack()
         self._backend: Backend | None = None
@@ -123,7 +124,7 @@ class TunnelSession:
         self.stopwatch = Stopwatch()
         self._end: ExternalEnd | None = None
         self._attachments: list[Attachment] = []
-        self.counter = EndCounter(lambda index: names.link_name(run_id, str(index)), len(networks))
+        self.counter = EndCounter(lambda index: names.link_name(run_id, str(index)), len(self.networks))
         self.tunnel: Tunnel | None = None
         self.teardown_failed = False  # then the run stays on record for 'svctunnel reap'
 
@@ -167,6 +168,7 @@ class TunnelSession:
     def _start(self, parts: ExitStack) -> Tunnel:
         timeout = self.config.timeout
         run = self._ensure_run()
+        self.networks = claims.claim_networks(run, self.plan.networks)
         own = tuple(n for n in self.networks if n.target is None)
         targeted = tuple(n for n in self.networks if n.target is not None)
         built: list[Network] = []
@@ -218,7 +220,7 @@ class TunnelSession:
         ``Attachment`` is closed, at the latest when the session stops."""
         require_net_admin("svctunnel_attach")
         taken = self.built_networks()
-        planned = plan_attached(requests, target, taken, self.counter.next_dev, self.config.vni)
+        planned = self._plan_attached(requests, target, taken)
         neighbours.check_room(planned)
         attachment = self._attachment(planned, taken)
         attachment.open()
@@ -233,12 +235,22 @@ class TunnelSession:
         require_net_admin("svctunnel_sidecar")
         target = Target(namespace, selector=f"svctunnel.dev/sidecar-{self.run_id}")
         taken = self.built_networks()
-        planned = plan_attached(requests, target, taken, self.counter.next_dev, self.config.vni)
+        planned = self._plan_attached(requests, target, taken)
         sidecar = Sidecar(self.config, self._ensure_run(), self._key, planned, self.counter, namespace)
         self._attachments.append(sidecar)
         sidecar.open()
         self._stack.callback(sidecar.close)
         return sidecar
+
+    def _plan_attached(
+        self, requests: Sequence[NetworkRequest], target: Target, taken: Sequence[Network]
+    ) -> tuple[Network, ...]:
+        """The networks of an attach or a sidecar, planned around what others hold and claimed."""
+
+        def plan(held: Sequence[Held]) -> tuple[Network, ...]:
+            return plan_attached(requests, target, taken, self.counter.next_dev, self.config.vni, held)
+
+        return claims.claim_networks(self._ensure_run(), plan)
 
     def _forget_run_when_clean(self, kind: type[BaseException] | None, _exc: object, _tb: object) -> bool:
         """The last undo step: remove the run's record only when every other step succeeded."""

@@ -11,7 +11,7 @@ import pytest
 
 from .config import TunnelConfig
 from .errors import ConfigError
-from .networks import Network
+from .networks import Network, Plan
 
 if TYPE_CHECKING:  # the session pulls in netlink; load it only when a fixture runs
     from .session import TunnelSession
@@ -22,7 +22,8 @@ class PluginStash:
     run_id: str
     config: TunnelConfig | None = None
     error: ConfigError | None = None
-    networks: tuple[Network, ...] = field(default_factory=tuple)
+    plan: Plan | None = None  # what the marks ask for; the session plans its addresses when it claims them
+    networks: tuple[Network, ...] = field(default_factory=tuple)  # the plan as collection checked it
     session: TunnelSession | None = None
     kept_note: str | None = None
     setup_note: str | None = None

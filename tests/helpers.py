@@ -162,6 +162,8 @@ OPTION_KEYS = (
     "peer",
     "port",
     "vni",
+    "ipv4",
+    "ipv6",
     "timeout",
     "keep",
     "underlay_dev",

@@ -806,10 +806,12 @@ def test_run_record_stays_when_its_removal_failed(
     """A run whose removal failed stays on record (for 'svctunnel reap'); a clean one is forgotten."""
     from pytest_svctunnel import session as session_module
     from pytest_svctunnel.config import resolve
+    from pytest_svctunnel.networks import session_plan
 
     monkeypatch.setattr(session_module, "make_backend", lambda _config, _run: _FailingDeploy(teardown_fails))
     run_id = new_run_id()
-    tunnel_session = session_module.TunnelSession(resolve({}, {}, {}), (), run_id)
+    config = resolve({}, {}, {})
+    tunnel_session = session_module.TunnelSession(config, session_plan(config, run_id), run_id)
     with pytest.raises(RuntimeError, match="teardown failed" if teardown_fails else "deploy failed"):
         tunnel_session.start()
     assert tunnel_session.teardown_failed is teardown_fails

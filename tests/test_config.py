@@ -25,6 +25,8 @@ DEFAULTS: dict[str, Any] = {
     "peer": None,
     "port": 5533,
     "vni": 333,
+    "ipv4": None,
+    "ipv6": None,
     "timeout": 60.0,
     "keep": "never",
     "underlay_dev": None,
@@ -53,6 +55,16 @@ LAYERS: dict[str, tuple[tuple[str, Any], tuple[str, Any], tuple[str, Any]]] = {
     ),
     "port": (("1001", 1001), ("2002", 2002), ("3003", 3003)),
     "vni": (("11", 11), ("22", 22), ("16777215", 16777215)),
+    "ipv4": (
+        ("10.31.0.0/30", ipaddress.IPv4Network("10.31.0.0/30")),
+        ("192.168.9.0/24", ipaddress.IPv4Network("192.168.9.0/24")),
+        ("10.31.0.8/29", ipaddress.IPv4Network("10.31.0.8/29")),
+    ),
+    "ipv6": (
+        ("fd00:31::/126", ipaddress.IPv6Network("fd00:31::/126")),
+        ("fd00:32::/64", ipaddress.IPv6Network("fd00:32::/64")),
+        ("2001:db8::/126", ipaddress.IPv6Network("2001:db8::/126")),
+    ),
     "timeout": (("1.5", 1.5), ("3600", 3600.0), ("0.01", 0.01)),
     "keep": (("always", "always"), ("on-failure", "on-failure"), ("always", "always")),
     "underlay_dev": (("eth1", "eth1"), ("ens2", "ens2"), ("bond3", "bond3")),
@@ -167,6 +179,8 @@ def test_describe() -> None:
         "peer=192.0.2.7 (env)",
         "port=6000 (cli)",
         "vni=333 (default)",
+        "ipv4=None (default)",
+        "ipv6=None (default)",
         "timeout=60.0 (default)",
         "keep=on-failure (ini)",
         "underlay_dev=None (default)",
@@ -235,6 +249,10 @@ INVALID: dict[str, tuple[str, str, str]] = {
     "bridge-not-ascii": ("bridge", "brü", "only printable ASCII"),
     "underlay-dev-percent": ("underlay_dev", "eth%d", "not a Linux interface name"),
     "underlay-dev-16": ("underlay_dev", "e" * 16, "not a Linux interface name"),
+    "ipv4-a-host": ("ipv4", "10.31.0.1/30", "not a network; give one like 10.30.30.0/30"),
+    "ipv4-of-ipv6": ("ipv4", "fd00::/126", "an IPv6 network"),
+    "ipv4-too-small": ("ipv4", "10.31.0.0/32", "room for fewer than two addresses"),
+    "ipv6-of-ipv4": ("ipv6", "10.31.0.0/30", "an IPv4 network; give one like fd00:3030::/126"),
 }
 
 

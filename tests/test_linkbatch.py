@@ -89,6 +89,21 @@ def test_point_replaces_the_forwarding_entry(ns: str) -> None:
     assert state is not None and state.fdb == ()
 
 
+def test_an_entry_at_the_devices_own_port_is_replaced_and_withdrawn(ns: str) -> None:
+    """The kernel's dump leaves out an entry's port when it is the device's own: removing it must
+    then leave the port out too, or the kernel finds nothing and the old peer keeps its traffic."""
+    linkbatch.build(ns, [spec()], GROUP)
+    same_port = Endpoint(ipaddress.ip_address("192.0.2.7"), 5533)
+    linkbatch.point(ns, ["vx0"], same_port)
+    linkbatch.point(ns, ["vx0"], Endpoint(ipaddress.ip_address("192.0.2.8"), 40002))
+    state = device.link_state(ns, "vx0")
+    assert state is not None and state.fdb == ("00:00:00:00:00:00->192.0.2.8:40002",), state.fdb
+    linkbatch.point(ns, ["vx0"], same_port)
+    linkbatch.point(ns, ["vx0"], None)
+    state = device.link_state(ns, "vx0")
+    assert state is not None and state.fdb == (), state.fdb
+
+
 def test_links_that_are_not_vxlan_are_never_replaced_or_removed(ns: str) -> None:
     with pytest.raises(KernelError, match=r"up1 \(veth link\) already exist\(s\) and is not a VXLAN device"):
         linkbatch.build(ns, [spec(), spec(name="up1", vni=334)], GROUP)

@@ -30,7 +30,7 @@ from pytest_svctunnel.networks import (
     single_network,
     spread_over_pods,
 )
-from pytest_svctunnel.protocol import Hello, Message, decode, encode
+from pytest_svctunnel.protocol import Hello, Message, decode, encode, hello_size
 from pytest_svctunnel.targets import Target
 from pytest_svctunnel.values import ifname_problem
 
@@ -235,17 +235,9 @@ PLAN_ERRORS: dict[str, tuple[list[NetworkRequest], list[str]]] = {
         [req("a", ipv6="fd00:40::/64"), req("b", ipv6="fd00:40::/126")],
         ["'a'", "'b'", "overlap"],
     ),
-    "overlapping-default-ipv4": (
-        [req("a", ipv4="10.30.30.0/30")],
-        ["'default'", "'a'", "10.30.30.0/30", "overlap"],
-    ),
-    "containing-default-ipv4": (
+    "the-default-has-no-room-left": (
         [req("a", ipv4="10.30.0.0/16")],
-        ["'default'", "'a'", "10.30.0.0/16", "overlap"],
-    ),
-    "overlapping-default-ipv6": (
-        [req("a", ipv6="fd00:3030::/64")],
-        ["'default'", "'a'", "fd00:3030::/64", "overlap"],
+        ["'default' gets no free 10.30.0.0/16 block", "'a' (10.30.0.0/16)", "--svctunnel-ipv4/--svctunnel-ipv6"],
     ),
     "duplicate-explicit-vni": (
         [req("a", vni=500), req("b", vni=500)],
@@ -277,7 +269,7 @@ PLAN_ERRORS: dict[str, tuple[list[NetworkRequest], list[str]]] = {
             req("n", ipv4="10.30.28.0/23"),
             req("o"),
         ],
-        ["no free 10.30.0.0/16 block", "ipv4="],
+        ["'o' gets no free 10.30.0.0/16 block", "'a' (10.30.30.4/30)", "give it addresses of its own (ipv4=/ipv6=)"],
     ),
     "irregular-networks-beyond-one-hello": (
         [req(f"n{i:02}", vni=1000 + 7 * i * i, ipv4=f"10.{50 + i}.0.0/24") for i in range(40)],
@@ -669,3 +661,96 @@ def test_attach_arguments_name_the_pod_devices() -> None:
     assert target == UPF and [(r.name, r.pod_dev, r.target) for r in requests] == [("net1", "net1", UPF)]
     _, requests = _attach_request(UPF, {"media": {"pod_dev": "eth9", "vni": 4000}})
     assert [(r.name, r.pod_dev, r.vni) for r in requests] == [("media", "eth9", 4000)]
+
+
+# -- around what other runs on this host hold --------------------------------------------------------------------
+
+OTHER = "run abc999 (pytest session, pid 7)"
+
+
+def held(*blocks: str, who: str = OTHER) -> list[tuple[str, Any]]:
+    return [(who, ipaddress.ip_network(b)) for b in blocks]
+
+
+def test_a_second_session_gets_the_next_free_blocks() -> None:
+    first = plan_networks(DEFAULT_VNI, [req("a")], DEVS)
+    taken = [(OTHER, a.network) for n in first for a in (n.local_ipv4, n.local_ipv6) if a is not None]
+    second = by_name(plan_networks(DEFAULT_VNI, [req("a")], DEVS, held=taken))
+    assert second["default"].local_ipv4 == IPv4Interface("10.30.30.10/30")
+    assert second["a"].local_ipv4 == IPv4Interface("10.30.30.14/30")
+    assert second["default"].local_ipv6 == IPv6Interface("fd00:3030::a/126")
+    assert not {a.network for n in first for a in (n.local_ipv4, n.local_ipv6) if a} & {
+        a.network for n in second.values() for a in (n.local_ipv4, n.local_ipv6) if a
+    }
+
+
+def test_a_pinned_default_held_by_another_run_names_it_and_the_options() -> None:
+    with pytest.raises(ConfigError) as info:
+        plan_networks(DEFAULT_VNI, [], DEVS, default_ipv4=IPv4Network("10.30.30.0/30"), held=held("10.30.30.0/30"))
+    text = str(info.value)
+    assert "'default' (10.30.30.0/30) overlaps 10.30.30.0/30, which run abc999 (pytest session, pid 7) holds" in text
+    assert "--svctunnel-ipv4/--svctunnel-ipv6 (env SVCTUNNEL_IPV4/SVCTUNNEL_IPV6)" in text
+
+
+def test_a_pinned_mark_held_by_this_host_names_the_interface() -> None:
+    with pytest.raises(ConfigError, match=r"'m' \(10.40.0.0/29\) overlaps 10.40.0.0/24, which 10.40.0.9/24 on eth1"):
+        plan_networks(
+            DEFAULT_VNI, [req("m", ipv4="10.40.0.0/29")], DEVS, held=held("10.40.0.0/24", who="10.40.0.9/24 on eth1")
+        )
+
+
+def test_the_default_network_can_be_moved() -> None:
+    default = plan_networks(
+        DEFAULT_VNI,
+        [req("a")],
+        DEVS,
+        default_ipv4=IPv4Network("10.31.0.0/29"),
+        default_ipv6=IPv6Network("fd00:31::/64"),
+    )
+    assert (default[0].remote_ipv4, default[0].local_ipv4) == (
+        IPv4Interface("10.31.0.1/29"),
+        IPv4Interface("10.31.0.2/29"),
+    )
+    assert default[0].local_ipv6 == IPv6Interface("fd00:31::2/64")
+    assert default[1].local_ipv4 == IPv4Interface("10.30.30.2/30"), "the marks' blocks start where they always did"
+
+
+def test_attached_and_spread_networks_avoid_what_others_hold() -> None:
+    session = plan_networks(DEFAULT_VNI, [], DEVS)
+    taken = held("10.30.30.4/30", "10.30.30.8/30", "fd00:3030::4/126")
+    attached = plan_attached(
+        [parse_request("x", None, None, None, ATTACH)], UPF, session, counter(), DEFAULT_VNI, taken
+    )
+    assert attached[0].local_ipv4 == IPv4Interface("10.30.30.14/30")
+    assert attached[0].local_ipv6 == IPv6Interface("fd00:3030::a/126")
+    spread = spread_over_pods(
+        attached, {UPF: ["upf-a", "upf-b"]}, counter(), session, [*taken, *held("10.30.30.16/30")]
+    )
+    assert spread[1].local_ipv4 == IPv4Interface("10.30.30.22/30")
+    with pytest.raises(ConfigError, match="give it other ipv4=/ipv6="):
+        plan_attached([parse_request("y", "10.30.30.8/30", None, None, ATTACH)], UPF, session, counter(), 1, taken)
+
+
+def test_connect_takes_the_next_free_blocks_or_names_the_holder() -> None:
+    net = single_network("vxlan1", 333, None, None, None, None, held("10.30.30.0/30", "fd00:3030::/126"))
+    assert (net.local_ipv4, net.remote_ipv4) == (IPv4Interface("10.30.30.6/30"), IPv4Interface("10.30.30.5/30"))
+    assert net.local_ipv6 == IPv6Interface("fd00:3030::6/126")
+    with pytest.raises(
+        ConfigError, match=r"overlaps 10.30.30.0/30, which run abc999 .* holds: give other --ipv4/--ipv6"
+    ):
+        single_network("vxlan1", 333, IPv4Interface("10.30.30.2/30"), None, None, None, held("10.30.30.0/30"))
+
+
+def test_every_pods_networks_follow_each_other_in_its_hello() -> None:
+    """Pod by pod: each extra pod's networks get consecutive devices, VNIs and blocks, one run."""
+    planned = plan_networks(DEFAULT_VNI, [req(f"n{i}") for i in range(1, 59)], DEVS, default_target=UPF)
+    built = spread_over_pods(planned, {UPF: ["upf-a", "upf-b", "upf-c"]}, counter(59))
+    for pod in ("upf-a", "upf-b", "upf-c"):
+        mine = [n for n in built if n.pod == pod]
+        assert len(mine) == 59
+        assert hello_size([n.pod_network() for n in mine]) == 32 + 8 + 48 + len("svtabc123-") + 32, pod
+
+
+def test_natural_order_takes_only_decimal_digits_as_numbers() -> None:
+    assert sorted(["x1\u00b2", "x10", "x2"], key=natural_order) == ["x1\u00b2", "x2", "x10"]
+    plan_networks(DEFAULT_VNI, [req("x1\u00b2"), req("x2")], DEVS)

@@ -386,7 +386,7 @@ MARKER_ERRORS = {
             pass
         """,
         [],
-        ["'a'", "'default'", "fd00:3030::/64", "overlap"],
+        ["'default' gets no free fd00:3030::/112 block", "'a' (fd00:3030::/64)", "overlap", "--svctunnel-ipv6"],
     ),
     "duplicate-vni": (
         """

@@ -3,14 +3,16 @@ directories exist (none yet, root's, a per-user one another user made), each say
 line and never shows a traceback; the user's own state root is used and left clean.
 
 The inner runs are real processes of a real unprivileged user (uid 65534, no capabilities, no
-groups; ``setpriv``), over this checkout's files."""
+groups; ``setpriv``), over this checkout's files. That user can read neither root's home (where a
+pyenv interpreter may live) nor tox's environments (mode 0700), so it runs the system's Python with
+a readable copy of the pure-Python packages the plugin and the CLI load."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,6 +26,8 @@ pytestmark = pytest.mark.root
 
 ROOT = Path(__file__).parent.parent
 NOBODY = 65534
+SYSTEM_PYTHON = "/usr/bin/python3"
+PACKAGES = ("pytest", "_pytest", "pluggy", "iniconfig", "packaging", "py", "pyroute2")
 SUITE = """
 def test_uses_the_tunnel(svctunnel):
     pass
@@ -39,8 +43,10 @@ class Place:
     suite: Path
 
     def env(self, **extra: str) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("SVCTUNNEL_", "XDG_", "PYTEST_"))}
-        env |= {"PYTHONDONTWRITEBYTECODE": "1", "TMPDIR": str(self.base / "tmp"), "HOME": str(self.base)}
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("SVCTUNNEL_", "XDG_", "PYTEST_", "PYTHON"))}
+        env |= {"PYTHONDONTWRITEBYTECODE": "1", "PYTHONNOUSERSITE": "1", "TMPDIR": str(self.base / "tmp")}
+        env |= {"HOME": str(self.base), "PYTHONPATH": f"{ROOT}{os.pathsep}{self.base / 'lib'}"}
+        env |= {"PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"}  # the plugin comes by -p, found or not by its entry point
         return env | extra
 
     def run(self, argv: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -50,11 +56,26 @@ class Place:
         )
 
     def pytest(self, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-        argv = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "no:hypothesispytest", "-q"]
+        argv = [SYSTEM_PYTHON, "-m", "pytest", "-p", "pytest_svctunnel.plugin", "-p", "no:cacheprovider", "-q"]
         return self.run([*argv, "--svctunnel-backend", "lab", *args, "test_suite.py"], env)
 
     def cli(self, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-        return self.run([sys.executable, "-m", "pytest_svctunnel", *args], env)
+        return self.run([SYSTEM_PYTHON, "-m", "pytest_svctunnel", *args], env)
+
+
+def readable_packages(dest: Path) -> None:
+    """Copies of the packages the plugin and the CLI load, where any user can read them."""
+    dest.mkdir(mode=0o755)
+    for name in PACKAGES:
+        spec = importlib.util.find_spec(name)
+        assert spec is not None and spec.origin is not None, f"{name} is not installed"
+        origin = Path(spec.origin)
+        if origin.name == "__init__.py":
+            shutil.copytree(origin.parent, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(origin, dest / origin.name)
+    for path in [dest, *dest.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
 
 
 @pytest.fixture
@@ -69,6 +90,8 @@ def place() -> Iterator[Place]:
         os.chown(tmp, NOBODY, NOBODY)
         runtime.chmod(0o700)
         (suite / "test_suite.py").write_text(SUITE)
+        assert Path(SYSTEM_PYTHON).exists(), f"{SYSTEM_PYTHON} is missing: .ci/install installs python3"
+        readable_packages(base / "lib")
         yield Place(base, runtime, suite)
     finally:
         shutil.rmtree(base)
