@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from .errors import ConfigError, SvcTunnelError
+from .names import new_run_id
 from .networks import ATTACH, Network, NetworkRequest, parse_request, session_plan
 from .stash import STASH, PluginStash
 from .targets import Target, parse_target
@@ -28,8 +29,11 @@ def _tunnel_session(request: pytest.FixtureRequest) -> tuple[PluginStash, Tunnel
     if state.session is None:
         from .session import TunnelSession  # netlink and the backends load only when a tunnel is wanted
 
-        plan = state.plan or session_plan(state.config, state.run_id)
-        state.session = TunnelSession(state.config, plan, state.run_id)
+        # an xdist worker's attachments and sidecars are its own (a run of their own); the marks'
+        # networks are the run's, shared by every worker (see ``_shared_tunnel``)
+        run_id = new_run_id() if state.role == "worker" else state.run_id
+        plan = state.plan if state.plan is not None and state.role != "worker" else session_plan(state.config, run_id)
+        state.session = TunnelSession(state.config, plan, run_id)
     return state, state.session
 
 
@@ -40,7 +44,12 @@ def svctunnel(request: pytest.FixtureRequest) -> Iterator[Tunnel]:
     network's ``dev``, ``vni``, ``local_ipv4``, ``local_ipv6``, ``remote_ipv4``,
     ``remote_ipv6``; ``networks`` (name -> Network, with "default" and every
     ``svctunnel_network`` mark of the session); ``service_address``; and ``peer``,
-    the address and port the pod end learned. Teardown removes everything it made."""
+    the address and port the pod end learned. Teardown removes everything it made.
+    Under pytest-xdist every worker gets the one tunnel the first of them had built."""
+    state = request.config.stash[STASH]
+    if state.role == "worker" and state.error is None:
+        yield _shared_tunnel(state)
+        return
     state, session = _tunnel_session(request)
     failure: SvcTunnelError | None = None
     try:
@@ -54,6 +63,24 @@ def svctunnel(request: pytest.FixtureRequest) -> Iterator[Tunnel]:
     note = session.stop(failed=request.session.testsfailed > 0)
     if note:
         state.kept_note = note
+
+
+def _shared_tunnel(state: PluginStash) -> Tunnel:
+    """In an xdist worker: the run's tunnel, built once by its keeper (see ``shared``)."""
+    from . import shared
+    from .runs import Run
+
+    assert state.config is not None
+    failure: SvcTunnelError | None = None
+    try:
+        run = Run.existing(state.run_id)
+        state.shared_run = run
+        built = shared.attach(run, state.config, state.plan or session_plan(state.config, state.run_id))
+    except SvcTunnelError as exc:
+        failure = exc
+    if failure is not None:
+        pytest.fail(f"svctunnel: {failure}", pytrace=False)
+    return built.tunnel
 
 
 @pytest.fixture(scope="session")

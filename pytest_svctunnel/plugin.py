@@ -8,7 +8,7 @@ from collections.abc import Generator
 
 import pytest
 
-from . import interrupts
+from . import interrupts, workers
 from .config import OPTIONS, resolve
 from .errors import ConfigError, SvcTunnelError
 from .fixtures import svctunnel, svctunnel_attach, svctunnel_network, svctunnel_networks, svctunnel_sidecar
@@ -50,7 +50,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", _MARKER_DOC)
-    state = PluginStash(run_id=new_run_id())
+    shared_run = workers.worker_run_id(config)  # an xdist worker shares its controller's run
+    state = PluginStash(run_id=shared_run or new_run_id())
+    state.role = "worker" if shared_run else "controller" if workers.is_controller(config) else "single"
     config.stash[STASH] = state
     cli = {o.key: config.getoption(f"svctunnel_{o.key}") for o in OPTIONS}
     ini = {o.key: str(config.getini(o.ini) or "") or None for o in OPTIONS}
@@ -60,7 +62,12 @@ def pytest_configure(config: pytest.Config) -> None:
         state.error = exc
         if not (config.option.help or config.option.markers or getattr(config.option, "version", False)):
             raise pytest.UsageError(f"svctunnel: {exc}") from None
+    if state.role == "controller" and state.config is not None:
+        config.pluginmanager.register(workers.Controller(state), _CONTROLLER)
     _stop_like_ctrl_c(config)
+
+
+_CONTROLLER = "svctunnel-xdist-controller"
 
 
 _INTERRUPT_HANDLERS = pytest.StashKey[dict[int, interrupts.InterruptThisProcess]]()
@@ -102,6 +109,8 @@ def pytest_sessionfinish(session: pytest.Session) -> Generator[None, None, None]
 
 def _finish_run(session: pytest.Session) -> None:
     state = session.config.stash.get(STASH, None)
+    if state is not None and state.role == "controller":
+        _finish_shared(session, state)
     if state is None or state.session is None:
         return
     tunnel_session, state.session = state.session, None
@@ -112,7 +121,7 @@ def _finish_run(session: pytest.Session) -> None:
             _write_line(session.config, f"svctunnel: removing the tunnel failed: {exc}; run 'svctunnel reap'")
             return
         try:
-            run = Run.existing(state.run_id)
+            run = Run.existing(tunnel_session.run_id)
         except SvcTunnelError as exc:  # e.g. a state root this user cannot use: the setup said so already
             _write_line(session.config, f"svctunnel: {exc}")
             return
@@ -123,6 +132,34 @@ def _finish_run(session: pytest.Session) -> None:
             run.detach()
         elif not tunnel_session.teardown_failed:
             run.remove()  # a stop cut short right after creating the run left only this directory
+
+
+def _finish_shared(session: pytest.Session, state: PluginStash) -> None:
+    """The xdist controller, after the last worker: the workers' usage errors, then the end of the
+    shared tunnel (its keeper tears it down, or keeps it) and its notes, once."""
+    controller = session.config.pluginmanager.get_plugin(_CONTROLLER)
+    for error in getattr(controller, "errors", ()):
+        _write_line(session.config, f"ERROR: {error}")
+        session.exitstatus = pytest.ExitCode.USAGE_ERROR
+    try:
+        run = Run.existing(state.run_id)
+    except SvcTunnelError:
+        return
+    if state.config is None or not run.dir.is_dir():
+        return
+    from . import shared  # pickle and subprocess load only here
+
+    with shield():
+        note = shared.setup_note(run)
+        stopped = shared.stop(run, session.testsfailed > 0, state.config)
+        if note:
+            state.setup_note = f"tunnel ready in {note} (shared by every xdist worker)"
+        if stopped is not None and stopped.kept:
+            state.kept_note = stopped.kept
+        elif stopped is not None and stopped.teardown_failed:
+            _write_line(session.config, "svctunnel: removing the shared tunnel failed; run 'svctunnel reap'")
+        else:
+            run.remove()
 
 
 def _write_line(config: pytest.Config, line: str) -> None:
@@ -151,6 +188,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         state.networks = state.plan.networks()
         check_targets_need_a_cluster(state.networks, state.config.backend)
     except ConfigError as exc:
+        if state.role == "worker":  # a UsageError would crash the worker: the controller reports it
+            workers.report_to_controller(config, f"svctunnel: {exc}")
+            items.clear()
+            return
         raise pytest.UsageError(f"svctunnel: {exc}") from None
 
 
@@ -176,6 +217,10 @@ def pytest_runtest_makereport(
     uses_tunnel = TUNNEL_FIXTURES & set(getattr(item, "fixturenames", ()))
     if report.failed and uses_tunnel and state is not None and state.session is not None:
         report.sections.append(("svctunnel diagnostics", state.session.diagnostics()))
+    elif report.failed and uses_tunnel and state is not None and state.shared_run is not None:
+        from .shared import diagnostics
+
+        report.sections.append(("svctunnel diagnostics", diagnostics(state.shared_run)))
     return report
 
 

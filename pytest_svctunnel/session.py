@@ -111,14 +111,17 @@ class TunnelSession:
     re-raising. ``stop`` removes everything, or applies --svctunnel-keep.
     """
 
-    def __init__(self, config: TunnelConfig, plan: Plan, run_id: str) -> None:
+    def __init__(self, config: TunnelConfig, plan: Plan, run_id: str, run: Run | None = None) -> None:
+        """``run``: a run that exists already and that its owner removes (a keeper's for xdist
+        workers); without it the session makes its run when it starts and removes it at the end."""
         self.config = config
         self.plan = plan
         self.networks = plan.networks()  # as asked; ``start`` plans them anew around what others hold
         self.run_id = run_id
         self._stack = ExitStack()
         self._backend: Backend | None = None
-        self._run: Run | None = None
+        self._run: Run | None = run
+        self._owns_run = run is None
         self._key = b""
         self._snapshot: str | None = None
         self.stopwatch = Stopwatch()
@@ -134,10 +137,11 @@ class TunnelSession:
         return self._backend
 
     def _ensure_run(self) -> Run:
-        if self._run is None:
-            self._run = Run.create(self.run_id)
+        if not self._key:
+            self._run = self._run or Run.create(self.run_id)
             self._stack.push(self._forget_run_when_clean)
             self._key = keys.new_key()
+        assert self._run is not None
         return self._run
 
     def start(self) -> Tunnel:
@@ -256,7 +260,7 @@ class TunnelSession:
         """The last undo step: remove the run's record only when every other step succeeded."""
         if kind is not None:
             self.teardown_failed = True
-        elif self._run is not None and not self.teardown_failed:
+        elif self._run is not None and not self.teardown_failed and self._owns_run:
             self._run.remove()
         return False
 

@@ -12,6 +12,7 @@ import pytest
 from .config import TunnelConfig
 from .errors import ConfigError
 from .networks import Network, Plan
+from .runs import Run
 
 if TYPE_CHECKING:  # the session pulls in netlink; load it only when a fixture runs
     from .session import TunnelSession
@@ -20,11 +21,13 @@ if TYPE_CHECKING:  # the session pulls in netlink; load it only when a fixture r
 @dataclass
 class PluginStash:
     run_id: str
+    role: str = "single"  # or, under pytest-xdist, "controller" or "worker" (see ``shared``)
     config: TunnelConfig | None = None
     error: ConfigError | None = None
     plan: Plan | None = None  # what the marks ask for; the session plans its addresses when it claims them
     networks: tuple[Network, ...] = field(default_factory=tuple)  # the plan as collection checked it
     session: TunnelSession | None = None
+    shared_run: Run | None = None  # an xdist worker's: the run whose keeper holds the shared tunnel
     kept_note: str | None = None
     setup_note: str | None = None
     attach_notes: list[str] = field(default_factory=list)

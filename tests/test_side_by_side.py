@@ -30,9 +30,9 @@ import socket, sys
 address, answer = sys.argv[1], sys.argv[2]
 with socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET) as server:
     server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    server.bind((address, 7777))
+    server.bind((address, 0))  # a port of its own: tests in parallel (xdist) may serve one address
     server.listen()
-    print("listening", flush=True)
+    print("listening", server.getsockname()[1], flush=True)
     server.settimeout(60)
     while True:
         conn, _ = server.accept()
@@ -56,13 +56,24 @@ def answer_from(pod_ns, address, answer):
         text=True,
     )
     try:
-        assert server.stdout.readline().startswith("listening")
+        said = server.stdout.readline().split()
+        assert said[:1] == ["listening"], said
         route = subprocess.run(["ip", "route", "get", str(address)], capture_output=True, text=True).stdout
-        with socket.create_connection((str(address), 7777), timeout=5) as conn:
+        with socket.create_connection((str(address), int(said[1])), timeout=5) as conn:
             return conn.recv(64).decode(), route
     finally:
         server.kill()
         server.wait()
+
+
+def reaches_its_own_pod(svctunnel, net):
+    """Unbound connections to each of the network's pod-end addresses reach the run's own pod, and
+    the kernel routes them over the network's device."""
+    pod_ns = f"svt-{{svctunnel.run_id}}-pod"
+    for remote in (net.remote_ipv4, net.remote_ipv6):
+        got, route = answer_from(pod_ns, remote.ip, svctunnel.run_id)
+        assert got == svctunnel.run_id, f"{{remote.ip}} answered {{got!r}}, not its own run's pod"
+        assert f" dev {{net.dev}} " in route, route
 '''
 
 SUITE = (
@@ -71,13 +82,6 @@ SUITE = (
 
 import pytest
 
-
-def reaches_its_own_pod(svctunnel, net):
-    pod_ns = f"svt-{svctunnel.run_id}-pod"
-    for remote in (net.remote_ipv4, net.remote_ipv6):
-        got, route = answer_from(pod_ns, remote.ip, svctunnel.run_id)
-        assert got == svctunnel.run_id, f"{remote.ip} answered {got!r}, not this session's pod"
-        assert f" dev {net.dev} " in route, route
 
 
 def test_default(svctunnel):
