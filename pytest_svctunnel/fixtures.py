@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -60,9 +61,12 @@ def svctunnel(request: pytest.FixtureRequest) -> Iterator[Tunnel]:
         pytest.fail(f"svctunnel: {failure}", pytrace=False)
     state.setup_note = f"tunnel ready in {session.stopwatch.render()}"
     yield tunnel
+    started = time.monotonic()
     note = session.stop(failed=request.session.testsfailed > 0)
     if note:
         state.kept_note = note
+    else:
+        state.teardown_note = f"tunnel removed in {time.monotonic() - started:.2f} s"
 
 
 def _shared_tunnel(state: PluginStash) -> Tunnel:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Generator
 
 import pytest
@@ -150,8 +151,10 @@ def _finish_shared(session: pytest.Session, state: PluginStash) -> None:
     from . import shared  # pickle and subprocess load only here
 
     with shield():
-        note = shared.setup_note(run)
+        note, started = shared.setup_note(run), time.monotonic()
         stopped = shared.stop(run, session.testsfailed > 0, state.config)
+        if stopped is not None and not stopped.kept:
+            state.teardown_note = f"tunnel removed in {time.monotonic() - started:.2f} s"
         if note:
             state.setup_note = f"tunnel ready in {note} (shared by every xdist worker)"
         if stopped is not None and stopped.kept:
@@ -187,12 +190,26 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         state.plan = session_plan(state.config, state.run_id, requests)
         state.networks = state.plan.networks()
         check_targets_need_a_cluster(state.networks, state.config.backend)
+        _warm_the_client(state, items)
     except ConfigError as exc:
         if state.role == "worker":  # a UsageError would crash the worker: the controller reports it
             workers.report_to_controller(config, f"svctunnel: {exc}")
             items.clear()
             return
         raise pytest.UsageError(f"svctunnel: {exc}") from None
+
+
+def _warm_the_client(state: PluginStash, items: list[pytest.Item]) -> None:
+    """A session that will talk to a cluster: import and configure its client now, in a thread,
+    while pytest goes on (a second off the tunnel's setup). Not in an xdist worker: its keeper
+    builds the tunnel."""
+    cfg = state.config
+    if cfg is None or cfg.backend != "kubernetes" or state.role == "worker":
+        return
+    if any(TUNNEL_FIXTURES & set(getattr(item, "fixturenames", ())) for item in items):
+        from .backends.kubernetes import warm
+
+        warm.prepare(cfg.kubeconfig, cfg.context)
 
 
 def _request(mark: pytest.Mark, where: str) -> NetworkRequest:
@@ -229,6 +246,6 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: p
     if state is None:
         return
     late = [note() for note in state.late_notes]
-    for note in (state.setup_note, *state.attach_notes, *late, state.kept_note):
+    for note in (state.setup_note, *state.attach_notes, *late, state.teardown_note, state.kept_note):
         if note:
             terminalreporter.write_line(f"svctunnel: {note}")

@@ -30,6 +30,7 @@ class PluginStash:
     shared_run: Run | None = None  # an xdist worker's: the run whose keeper holds the shared tunnel
     kept_note: str | None = None
     setup_note: str | None = None
+    teardown_note: str | None = None
     attach_notes: list[str] = field(default_factory=list)
     late_notes: list[Callable[[], str | None]] = field(default_factory=list)  # rendered at the summary
 

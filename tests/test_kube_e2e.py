@@ -149,11 +149,15 @@ def run_inner(pytester: pytest.Pytester, cluster: TestCluster, *args: str) -> tu
     return result, match["run"]
 
 
-def labelled(api: Any, run_id: str) -> list[str]:
-    """Every object of the run's label that the API server still has."""
+def labelled(api: Any, run_id: str, staying: bool = False) -> list[str]:
+    """Every object of the run's label that the API server still has; with ``staying``, those of
+    them that are not on their way out (no deletion timestamp, and not inside a namespace that has
+    one)."""
     core, apps = client.CoreV1Api(api), client.AppsV1Api(api)
     selector = f"{RUN_LABEL}={run_id}"
-    found = [f"namespace {n.metadata.name}" for n in core.list_namespace(label_selector=selector).items]
+    namespaces = core.list_namespace(label_selector=selector).items
+    leaving = {n.metadata.name for n in namespaces if n.metadata.deletion_timestamp is not None}
+    found = [f"namespace {n.metadata.name}" for n in namespaces if not (staying and n.metadata.name in leaving)]
     for kind, lister in (
         ("deployment", apps.list_deployment_for_all_namespaces),
         ("replicaset", apps.list_replica_set_for_all_namespaces),
@@ -161,15 +165,34 @@ def labelled(api: Any, run_id: str) -> list[str]:
         ("service", core.list_service_for_all_namespaces),
         ("secret", core.list_secret_for_all_namespaces),
     ):
-        found += [f"{kind} {o.metadata.namespace}/{o.metadata.name}" for o in lister(label_selector=selector).items]
+        for o in lister(label_selector=selector).items:
+            owned = [r.kind for r in o.metadata.owner_references or ()]
+            going = o.metadata.deletion_timestamp is not None or o.metadata.namespace in leaving
+            if staying and (going or (kind in ("replicaset", "pod") and owned)):  # their owners go first
+                continue
+            found.append(f"{kind} {o.metadata.namespace}/{o.metadata.name}")
     return found
 
 
-def assert_run_left_nothing(cluster: TestCluster, run_id: str, output: str) -> None:
-    assert labelled(cluster.api, run_id) == [], output
+def assert_gone(api: Any, run_id: str, seconds: float = 60.0, output: str = "") -> None:
+    """Within ``seconds`` the API server has no object of the run any more."""
+    deadline = time.monotonic() + seconds
+    while (left := labelled(api, run_id)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert left == [], f"still there after {seconds:g} s: {left}\n{output}"
+
+
+def assert_run_left_nothing(cluster: TestCluster, run_id: str, output: str, seconds: float = 60.0) -> None:
+    """Right after the session every object of the run is on its way out; then, within ``seconds``,
+    gone: the API server's objects, the nodes' pod sandboxes, and this host's namespaces and links."""
+    assert labelled(cluster.api, run_id, staying=True) == [], output
     assert netns.listing(names.netns_prefix(run_id)) == [], output
     assert device.links_with_prefix(None, names.link_prefix(run_id)) == [], output
+    deadline = time.monotonic() + seconds
+    assert_gone(cluster.api, run_id, seconds, output)
     for node in cluster.nodes:
+        while node.running_sandboxes(run_id) and time.monotonic() < deadline:
+            time.sleep(0.2)
         assert node.running_sandboxes(run_id) == [], f"node {node.spec.name} still runs a pod of the run"
     # the container runs the image's bin/svctunnel (the lab runs 'python -m pytest_svctunnel')
     agents = subprocess.run(["pgrep", "-af", "bin/svctunnel agent"], capture_output=True, text=True).stdout
@@ -186,7 +209,7 @@ def test_example_suite_through_kube_proxy(pytester: pytest.Pytester, cluster: Te
     ready = _READY.search(output)
     assert ready is not None, output
     print(f"{service_type}: {ready[0]}")
-    for phase in ("objects created", "pod started", "handshake", "first ping"):
+    for phase in ("objects created", "pod placed", "handshake", "first ping"):
         assert phase in ready[0]
     assert_run_left_nothing(cluster, run_id, output)
 
@@ -422,7 +445,8 @@ def test_teardown_against_a_paused_api_server_ends_by_its_deadline(cluster: Test
         if namespace is not None:
             core.delete_namespace(namespace)
         run.remove()
-    assert labelled(cluster.api, run.id) == []
+    assert labelled(cluster.api, run.id, staying=True) == []
+    assert_gone(cluster.api, run.id)
 
 
 def test_the_nodes_are_real_kubelets_on_containerd(cluster: TestCluster) -> None:

@@ -1,10 +1,11 @@
 """The kubernetes backend: the pod end as a Deployment behind a UDP Service in a real cluster.
 
 ``deploy`` creates the run's objects (a fresh namespace unless one is given, a Secret with
-the key, the agent's Deployment, the Service), waits for the agent's container to run (failing
-early on image pull errors, crash loops and unschedulable pods) and for the Service's address,
+the key, the agent's Deployment, the Service), waits for the agent's pod to be on a node with its
+address (failing early on image pull errors, crash loops and unschedulable pods) and for the
+Service's address,
 and returns where the external end sends its hello. ``teardown`` deletes what the run made and
-waits until it is gone. Every object carries the label ``svctunnel.dev/run=<run id>``.
+waits until it is on its way out. Every object carries the label ``svctunnel.dev/run=<run id>``.
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ from ...errors import KubeError, WaitTimeout
 from ...protocol import Endpoint
 from ...runs import KUBE_FILE, Run
 from ...waiting import Deadline, Stopwatch, wait_for
-from . import manifests, objects, podstate
+from . import manifests, objects, podstate, warm
 from .cleanup import delete_run_objects
-from .client import Cluster, connect
+from .client import Cluster
 from .options import ClusterTarget, Placement, PodEndOptions
 
 AGENT_CONTAINER = "agent"  # the container's name in manifests/svctunnel.yaml
@@ -61,12 +62,12 @@ class KubernetesBackend:
         rendered = manifests.pod_end(
             manifests.PodEnd(self.placement.name, self.run.id, o.image, agent, o.service_type, o.node)
         )
-        self._cluster = connect(self.target.kubeconfig, self.target.context)
+        self._cluster = warm.take(self.target.kubeconfig, self.target.context, deadline)
         self.run.write(KUBE_FILE, self.placement.record(self.target))
         objects.create(self.cluster, self.placement, self.run.id, rendered, deadline)
         stopwatch.lap("objects created")
-        pod = self._wait_pod_started(deadline)
-        stopwatch.lap("pod started")
+        pod = self._wait_pod_placed(deadline)
+        stopwatch.lap("pod placed")
         endpoint = self._service_endpoint(pod, deadline)
         stopwatch.lap("load-balancer address" if o.service_type == "LoadBalancer" else "node port")
         return endpoint
@@ -74,19 +75,22 @@ class KubernetesBackend:
     def pods(self, deadline: Deadline) -> list[Any]:
         return objects.pods(self.cluster, self.placement, deadline)
 
-    def _wait_pod_started(self, deadline: Deadline) -> Any:
-        """The pod end's pod once its agent runs; fails at once on a state it cannot leave."""
+    def _wait_pod_placed(self, deadline: Deadline) -> Any:
+        """The pod end's pod once it is on a node with its address (its Service endpoint exists, so
+        kube-proxy programs the Service while the agent's container starts; the handshake's hellos
+        follow each other closely until the agent answers, and ``check`` fails the session at once
+        on a state the pod cannot leave); fails at once on such a state here too."""
 
-        def started() -> Any:
+        def placed() -> Any:
             live = [p for p in self.pods(deadline) if p.metadata.deletion_timestamp is None]
             for pod in live:
                 podstate.raise_if_stuck(pod, AGENT_CONTAINER)
-            running = [p for p in live if podstate.running(p, AGENT_CONTAINER) and p.status.pod_ip]
-            return running[0] if running else None
+            found = [p for p in live if p.spec.node_name and p.status.pod_ip]
+            return found[0] if found else None
 
         return wait_for(
-            started,
-            phase="pod end started",
+            placed,
+            phase="pod end placed",
             deadline=deadline,
             describe=lambda: "; ".join(podstate.describe_pod(p) for p in self.pods(deadline)) or "no pod yet",
             hint="check that the cluster has a schedulable node and can run the image (" + podstate.IMAGE_HINT + ")",
@@ -112,11 +116,12 @@ class KubernetesBackend:
     # -- removal -----------------------------------------------------------------------
 
     def teardown(self, deadline: Deadline) -> None:
-        """Delete what the run created and wait until it is gone."""
+        """Delete what the run created and wait until it is on its way out (the API server has set
+        each object's deletion timestamp; the cluster finishes the rest, pods included)."""
         if self._cluster is None:
             return
         try:
-            delete_run_objects(self._cluster, self.placement, deadline)
+            delete_run_objects(self._cluster, self.placement, deadline, wait=False)
         except (KubeError, WaitTimeout) as exc:
             raise KubeError(
                 f"removing the pod end ({self.placement.describe()}): {exc}; 'svctunnel reap' removes what is left"

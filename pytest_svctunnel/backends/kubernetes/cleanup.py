@@ -17,12 +17,14 @@ from .options import Placement
 _POLL_S = 0.2
 
 
-def delete_run_objects(cluster: Cluster, placement: Placement, deadline: Deadline) -> None:
-    """Delete a run's objects (its namespace, if it made one) and wait until they are gone."""
+def delete_run_objects(cluster: Cluster, placement: Placement, deadline: Deadline, wait: bool = True) -> None:
+    """Delete a run's objects (its namespace, if it made one) and wait until they are gone; with
+    ``wait`` False only until each is provably on its way out (the API server has set its deletion
+    timestamp: the cluster finishes the rest, the pods' termination included)."""
     if placement.owns_namespace:
-        _delete_namespace(cluster, placement.namespace, deadline)
+        _delete_namespace(cluster, placement.namespace, deadline, wait)
     else:
-        _delete_labelled(cluster, placement, deadline)
+        _delete_labelled(cluster, placement, deadline, wait)
 
 
 def delete_recorded(record: dict[str, Any], deadline: Deadline) -> None:
@@ -35,7 +37,7 @@ def delete_recorded(record: dict[str, Any], deadline: Deadline) -> None:
         cluster.close()
 
 
-def _delete_namespace(cluster: Cluster, namespace: str, deadline: Deadline) -> None:
+def _delete_namespace(cluster: Cluster, namespace: str, deadline: Deadline, wait: bool) -> None:
     core = cluster.core
     cluster.call(
         f"deleting namespace {namespace}", core.delete_namespace, namespace, deadline=deadline, missing_ok=True
@@ -45,18 +47,23 @@ def _delete_namespace(cluster: Cluster, namespace: str, deadline: Deadline) -> N
         found = cluster.call(
             f"reading namespace {namespace}", core.read_namespace, namespace, deadline=deadline, missing_ok=True
         )
-        return True if found is None else None
+        return True if found is None or (not wait and _leaving(found)) else None
 
     wait_for(
         gone,
-        phase=f"namespace {namespace} removed",
+        phase=f"namespace {namespace} removed" if wait else f"namespace {namespace} terminating",
         deadline=deadline,
         hint="the namespace controller of the cluster finalizes namespaces; check kube-controller-manager",
         interval=_POLL_S,
     )
 
 
-def _delete_labelled(cluster: Cluster, placement: Placement, deadline: Deadline) -> None:
+def _leaving(obj: Any) -> bool:
+    """Whether the API server has set the object's deletion timestamp: it is on its way out."""
+    return obj.metadata.deletion_timestamp is not None
+
+
+def _delete_labelled(cluster: Cluster, placement: Placement, deadline: Deadline, wait: bool) -> None:
     core, apps, ns, selector = cluster.core, cluster.apps, placement.namespace, placement.selector
     deleters: list[tuple[str, Callable[..., Any]]] = [
         ("Deployments", apps.delete_collection_namespaced_deployment),
@@ -87,16 +94,19 @@ def _delete_labelled(cluster: Cluster, placement: Placement, deadline: Deadline)
         ("Secrets", core.list_namespaced_secret),
     ]
 
+    if not wait:  # the Deployment goes in the foreground: its ReplicaSet and pods go before it
+        listers = listers[:1] + listers[2:]
+
     def left() -> list[str]:
         return [
             f"{kind}: {', '.join(found)}"
             for kind, lister in listers
-            if (found := _names(cluster, kind, lister, placement, deadline))
+            if (found := _names(cluster, kind, lister, placement, deadline, staying=not wait))
         ]
 
     wait_for(
         lambda: True if not left() else None,
-        phase=f"objects -l {selector} removed from {ns}",
+        phase=f"objects -l {selector} removed from {ns}" if wait else f"objects -l {selector} in {ns} terminating",
         deadline=deadline,
         describe=lambda: "; ".join(left()),
         interval=_POLL_S,
@@ -104,8 +114,14 @@ def _delete_labelled(cluster: Cluster, placement: Placement, deadline: Deadline)
 
 
 def _names(
-    cluster: Cluster, kind: str, lister: Callable[..., Any], placement: Placement, deadline: Deadline
+    cluster: Cluster,
+    kind: str,
+    lister: Callable[..., Any],
+    placement: Placement,
+    deadline: Deadline,
+    staying: bool = False,
 ) -> list[str]:
+    """The names of the run's objects of one kind; with ``staying``, only those not yet on their way out."""
     listing = cluster.call(
         f"listing {kind} -l {placement.selector} in {placement.namespace}",
         lister,
@@ -113,4 +129,4 @@ def _names(
         label_selector=placement.selector,
         deadline=deadline,
     )
-    return [str(o.metadata.name) for o in listing.items]
+    return [str(o.metadata.name) for o in listing.items if not (staying and _leaving(o))]
