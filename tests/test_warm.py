@@ -4,7 +4,6 @@ API server is asked anything.)"""
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
 import pytest
@@ -27,10 +26,10 @@ def test_the_prepared_client_is_taken_once(tmp_path: Path) -> None:
     path = tmp_path / "kubeconfig"
     path.write_text(KUBECONFIG)
     warm.prepare(str(path), None)
-    threads = [t for t in threading.enumerate() if t.name == "svctunnel-kube-warm"]
-    assert threads, "prepare started no thread"
+    prepared = warm._prepared[(str(path), None)]
+    assert prepared.thread.ident is not None, "prepare started no thread"
     first = warm.take(str(path), None, Deadline.after(30))
-    assert first.server == "https://192.0.2.1:6443"
+    assert first is prepared.cluster and first.server == "https://192.0.2.1:6443"
     second = warm.take(str(path), None, Deadline.after(30))
     assert second is not first and second.server == first.server  # connected anew
     first.close()
