@@ -40,6 +40,9 @@ from pytest_svctunnel.protocol import (
 )
 from pytest_svctunnel.values import ifname_problem
 
+from .test_netcodec import V4_BASE, V6_BASE
+from .test_netcodec import default_nets as default_list
+
 KEY = bytes(range(32))
 OTHER_KEY = bytes(range(1, 33))
 SESSION = b"\x01\x02\x03\x04\x05\x06\x07\x08"
@@ -104,21 +107,9 @@ def net(i: int, *, v4: bool = True, v6: bool = True) -> PodNetwork:
     )
 
 
-V4_BASE = int(ipaddress.IPv4Address("10.30.30.1"))
-V6_BASE = int(ipaddress.IPv6Address("fd00:3030::1"))
-
-
 def default_nets(count: int, session: str = "abc123") -> tuple[PodNetwork, ...]:
-    """A session's default numbering: VNI +1, /30 and /126 blocks +4, devices ``svt<session>-0``, ``-1``, ..."""
-    return tuple(
-        PodNetwork(
-            333 + i,
-            f"svt{session}-{i}",
-            ipaddress.IPv4Interface((V4_BASE + 4 * i, 30)),
-            ipaddress.IPv6Interface((V6_BASE + 4 * i, 126)),
-        )
-        for i in range(count)
-    )
+    """A session's default numbering (``test_netcodec.default_nets``), as a hello carries it."""
+    return tuple(default_list(count, session))
 
 
 _RNG = random.Random(20240611)
