@@ -13,6 +13,7 @@ from .names import new_run_id
 from .networks import ATTACH, Network, NetworkRequest, parse_request, session_plan
 from .stash import STASH, PluginStash
 from .targets import Target, parse_target
+from .waiting import Stopwatch
 
 if TYPE_CHECKING:
     from .attachments import Attachment, Sidecar
@@ -28,13 +29,14 @@ def _tunnel_session(request: pytest.FixtureRequest) -> tuple[PluginStash, Tunnel
         raise pytest.UsageError(str(state.error))
     assert state.config is not None
     if state.session is None:
+        stopwatch = Stopwatch()  # the setup's time starts here, loading the modules included
         from .session import TunnelSession  # netlink and the backends load only when a tunnel is wanted
 
         # an xdist worker's attachments and sidecars are its own (a run of their own); the marks'
         # networks are the run's, shared by every worker (see ``_shared_tunnel``)
         run_id = new_run_id() if state.role == "worker" else state.run_id
         plan = state.plan if state.plan is not None and state.role != "worker" else session_plan(state.config, run_id)
-        state.session = TunnelSession(state.config, plan, run_id)
+        state.session = TunnelSession(state.config, plan, run_id, stopwatch=stopwatch)
     return state, state.session
 
 

@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import importlib
 import os
+import threading
 import time
 from collections.abc import Generator
 
@@ -200,16 +202,21 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 def _warm_the_client(state: PluginStash, items: list[pytest.Item]) -> None:
-    """A session that will talk to a cluster: import and configure its client now, in a thread,
-    while pytest goes on (a second off the tunnel's setup). Not in an xdist worker: its keeper
-    builds the tunnel."""
+    """A session that will build a tunnel: load the tunnel's modules (netlink) now, in a thread,
+    while pytest goes on, and for a cluster also import and configure its client (half a second
+    off the tunnel's setup). Not in an xdist worker: its keeper builds the tunnel."""
     cfg = state.config
-    if cfg is None or cfg.backend != "kubernetes" or state.role == "worker":
+    if cfg is None or state.role == "worker":
         return
-    if any(TUNNEL_FIXTURES & set(getattr(item, "fixturenames", ())) for item in items):
+    if not any(TUNNEL_FIXTURES & set(getattr(item, "fixturenames", ())) for item in items):
+        return
+    session = f"{__package__}.session"
+    if cfg.backend == "kubernetes":
         from .backends.kubernetes import warm
 
-        warm.prepare(cfg.kubeconfig, cfg.context)
+        warm.prepare(cfg.kubeconfig, cfg.context, preload=(session,))
+    else:
+        threading.Thread(target=importlib.import_module, args=(session,), name="svctunnel-warm", daemon=True).start()
 
 
 def _request(mark: pytest.Mark, where: str) -> NetworkRequest:

@@ -111,9 +111,12 @@ class TunnelSession:
     re-raising. ``stop`` removes everything, or applies --svctunnel-keep.
     """
 
-    def __init__(self, config: TunnelConfig, plan: Plan, run_id: str, run: Run | None = None) -> None:
+    def __init__(
+        self, config: TunnelConfig, plan: Plan, run_id: str, run: Run | None = None, stopwatch: Stopwatch | None = None
+    ) -> None:
         """``run``: a run that exists already and that its owner removes (a keeper's for xdist
-        workers); without it the session makes its run when it starts and removes it at the end."""
+        workers); without it the session makes its run when it starts and removes it at the end.
+        ``stopwatch``: one started when the setup began (by default, now)."""
         self.config = config
         self.plan = plan
         self.networks = plan.networks()  # as asked; ``start`` plans them anew around what others hold
@@ -124,7 +127,7 @@ class TunnelSession:
         self._owns_run = run is None
         self._key = b""
         self._snapshot: str | None = None
-        self.stopwatch = Stopwatch()
+        self.stopwatch = stopwatch or Stopwatch()
         self._end: ExternalEnd | None = None
         self._attachments: list[Attachment] = []
         self.counter = EndCounter(lambda index: names.link_name(run_id, str(index)), len(self.networks))

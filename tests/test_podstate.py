@@ -10,52 +10,52 @@ import signal
 from typing import Any
 
 import pytest
-from kubernetes import client
 
 from pytest_svctunnel.backends.kubernetes import objects, podstate
 from pytest_svctunnel.backends.kubernetes.client import Cluster
+from pytest_svctunnel.backends.kubernetes.resources import Resource
 from pytest_svctunnel.errors import KubeError
 from pytest_svctunnel.waiting import Deadline
 
 
-def status(name: str, waiting: str | None = None, exit_code: int | None = None) -> client.V1ContainerStatus:
-    state = client.V1ContainerState(
-        waiting=client.V1ContainerStateWaiting(reason=waiting, message="details") if waiting else None,
-        running=None if waiting else client.V1ContainerStateRunning(),
-    )
-    last = (
-        client.V1ContainerState(terminated=client.V1ContainerStateTerminated(exit_code=exit_code))
-        if exit_code is not None
-        else None
-    )
-    return client.V1ContainerStatus(
-        name=name, image="i", image_id="", ready=False, restart_count=3, state=state, last_state=last
-    )
+def status(name: str, waiting: str | None = None, exit_code: int | None = None) -> dict[str, Any]:
+    """A container's status as the API server sends it (JSON)."""
+    found: dict[str, Any] = {
+        "name": name,
+        "image": "i",
+        "imageID": "",
+        "ready": False,
+        "restartCount": 3,
+        "state": {"waiting": {"reason": waiting, "message": "details"}} if waiting else {"running": {}},
+    }
+    if exit_code is not None:
+        found["lastState"] = {"terminated": {"exitCode": exit_code}}
+    return found
 
 
 def pod(
     waiting: str | None = None,
     unschedulable: bool = False,
     exit_code: int | None = None,
-    init: list[client.V1ContainerStatus] | None = None,
-    ephemeral: list[client.V1ContainerStatus] | None = None,
-) -> client.V1Pod:
+    init: list[dict[str, Any]] | None = None,
+    ephemeral: list[dict[str, Any]] | None = None,
+) -> Resource:
+    """A pending pod as the API server sends it, read as the backend reads it."""
     conditions = (
-        [client.V1PodCondition(type="PodScheduled", status="False", reason="Unschedulable", message="0/1 nodes")]
+        [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": "0/1 nodes"}]
         if unschedulable
         else []
     )
-    return client.V1Pod(
-        metadata=client.V1ObjectMeta(name="p"),
-        spec=client.V1PodSpec(containers=[], node_name="n1"),
-        status=client.V1PodStatus(
-            phase="Pending",
-            conditions=conditions,
-            container_statuses=[status("agent", waiting, exit_code)],
-            init_container_statuses=init,
-            ephemeral_container_statuses=ephemeral,
-        ),
-    )
+    status_: dict[str, Any] = {
+        "phase": "Pending",
+        "conditions": conditions,
+        "containerStatuses": [status("agent", waiting, exit_code)],
+    }
+    if init is not None:
+        status_["initContainerStatuses"] = init
+    if ephemeral is not None:
+        status_["ephemeralContainerStatuses"] = ephemeral
+    return Resource({"metadata": {"name": "p"}, "spec": {"containers": [], "nodeName": "n1"}, "status": status_})
 
 
 @pytest.mark.parametrize(

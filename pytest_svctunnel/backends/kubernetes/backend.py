@@ -26,7 +26,7 @@ from .client import Cluster
 from .options import ClusterTarget, Placement, PodEndOptions
 
 AGENT_CONTAINER = "agent"  # the container's name in manifests/svctunnel.yaml
-_POLL_S = 0.2
+_POLL_S = 0.05  # placement decides when the handshake starts: look often (a list of one pod)
 _DIAGNOSTICS_S = 10.0
 
 
@@ -63,6 +63,7 @@ class KubernetesBackend:
             manifests.PodEnd(self.placement.name, self.run.id, o.image, agent, o.service_type, o.node)
         )
         self._cluster = warm.take(self.target.kubeconfig, self.target.context, deadline)
+        stopwatch.lap("client ready")
         self.run.write(KUBE_FILE, self.placement.record(self.target))
         objects.create(self.cluster, self.placement, self.run.id, rendered, deadline)
         stopwatch.lap("objects created")

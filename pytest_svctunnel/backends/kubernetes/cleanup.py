@@ -7,12 +7,12 @@ API error or an API server that does not answer is a KubeError with a remedy.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 from ...waiting import Deadline, wait_for
 from .client import Cluster, connect
 from .options import Placement
+from .resources import DEPLOYMENTS, NAMESPACES, PODS, SECRETS, SERVICES, Kind
 
 _POLL_S = 0.2
 
@@ -38,15 +38,11 @@ def delete_recorded(record: dict[str, Any], deadline: Deadline) -> None:
 
 
 def _delete_namespace(cluster: Cluster, namespace: str, deadline: Deadline, wait: bool) -> None:
-    core = cluster.core
-    cluster.call(
-        f"deleting namespace {namespace}", core.delete_namespace, namespace, deadline=deadline, missing_ok=True
-    )
+    path = NAMESPACES.path(name=namespace)
+    cluster.delete(f"deleting namespace {namespace}", path, deadline=deadline, missing_ok=True)
 
     def gone() -> bool | None:
-        found = cluster.call(
-            f"reading namespace {namespace}", core.read_namespace, namespace, deadline=deadline, missing_ok=True
-        )
+        found = cluster.get(f"reading namespace {namespace}", path, deadline=deadline, missing_ok=True)
         return True if found is None or (not wait and _leaving(found)) else None
 
     wait_for(
@@ -64,44 +60,24 @@ def _leaving(obj: Any) -> bool:
 
 
 def _delete_labelled(cluster: Cluster, placement: Placement, deadline: Deadline, wait: bool) -> None:
-    core, apps, ns, selector = cluster.core, cluster.apps, placement.namespace, placement.selector
-    deleters: list[tuple[str, Callable[..., Any]]] = [
-        ("Deployments", apps.delete_collection_namespaced_deployment),
-        ("Secrets", core.delete_collection_namespaced_secret),
-    ]
-    for kind, delete in deleters:
-        cluster.call(
-            f"deleting {kind} -l {selector} in {ns}",
-            delete,
-            ns,
-            label_selector=selector,
-            propagation_policy="Foreground",
+    ns, selector = placement.namespace, placement.selector
+    for kind in (DEPLOYMENTS, SECRETS):
+        cluster.delete(
+            f"deleting {kind.plural} -l {selector} in {ns}",
+            kind.path(ns),
+            query={"labelSelector": selector, "propagationPolicy": "Foreground"},
             deadline=deadline,
         )
-    for name in _names(cluster, "Services", core.list_namespaced_service, placement, deadline):  # no delete-collection
-        cluster.call(
-            f"deleting Service {ns}/{name}",
-            core.delete_namespaced_service,
-            name,
-            ns,
-            deadline=deadline,
-            missing_ok=True,
-        )
-    listers: list[tuple[str, Callable[..., Any]]] = [
-        ("Deployments", apps.list_namespaced_deployment),
-        ("pods", core.list_namespaced_pod),
-        ("Services", core.list_namespaced_service),
-        ("Secrets", core.list_namespaced_secret),
-    ]
-
-    if not wait:  # the Deployment goes in the foreground: its ReplicaSet and pods go before it
-        listers = listers[:1] + listers[2:]
+    for name in _names(cluster, SERVICES, placement, deadline):  # Services have no delete-collection
+        cluster.delete(f"deleting Service {ns}/{name}", SERVICES.path(ns, name), deadline=deadline, missing_ok=True)
+    # the Deployment goes in the foreground: once it is on its way out, its ReplicaSet and pods go before it
+    kinds = (DEPLOYMENTS, PODS, SERVICES, SECRETS) if wait else (DEPLOYMENTS, SERVICES, SECRETS)
 
     def left() -> list[str]:
         return [
-            f"{kind}: {', '.join(found)}"
-            for kind, lister in listers
-            if (found := _names(cluster, kind, lister, placement, deadline, staying=not wait))
+            f"{kind.plural}: {', '.join(found)}"
+            for kind in kinds
+            if (found := _names(cluster, kind, placement, deadline, staying=not wait))
         ]
 
     wait_for(
@@ -113,20 +89,9 @@ def _delete_labelled(cluster: Cluster, placement: Placement, deadline: Deadline,
     )
 
 
-def _names(
-    cluster: Cluster,
-    kind: str,
-    lister: Callable[..., Any],
-    placement: Placement,
-    deadline: Deadline,
-    staying: bool = False,
-) -> list[str]:
+def _names(cluster: Cluster, kind: Kind, placement: Placement, deadline: Deadline, staying: bool = False) -> list[str]:
     """The names of the run's objects of one kind; with ``staying``, only those not yet on their way out."""
-    listing = cluster.call(
-        f"listing {kind} -l {placement.selector} in {placement.namespace}",
-        lister,
-        placement.namespace,
-        label_selector=placement.selector,
-        deadline=deadline,
-    )
-    return [str(o.metadata.name) for o in listing.items if not (staying and _leaving(o))]
+    ns, selector = placement.namespace, placement.selector
+    what = f"listing {kind.plural} -l {selector} in {ns}"
+    found = cluster.items(what, kind.path(ns), selector=selector, deadline=deadline)
+    return [str(o.metadata.name) for o in found if not (staying and _leaving(o))]

@@ -4,7 +4,10 @@ Every request goes through ``Cluster.call``: it carries a request timeout bounde
 caller's deadline (and at most ``MAX_REQUEST_S``), it is never retried behind our back (a
 retry would double the time a request may take), interrupts wait until it returns (the client
 can turn an exception raised inside it into another), and every error becomes a KubeError
-that says what failed and what to do. Only the official client; no kubectl.
+that says what failed and what to do. Only the official client (its kubeconfig loading, TLS and
+authentication); no kubectl. Requests name their URL path (``resources.Kind``) and send and
+receive JSON: answers are ``resources.Resource`` objects, read with the client's attribute
+names, so no typed API or model is imported (that would cost a session about a second).
 
 The client is imported here only, and this module only when the kubernetes backend is used.
 """
@@ -16,17 +19,23 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from kubernetes import client as k8s
 from kubernetes import config as k8s_config
+from kubernetes.client.api_client import ApiClient
+from kubernetes.client.configuration import Configuration
 from kubernetes.client.exceptions import ApiException
 from kubernetes.config.config_exception import ConfigException
 
 from ...errors import ConfigError, KubeError
 from ...shield import shield
 from ...waiting import Deadline
+from .resources import wrap
 
 MAX_REQUEST_S = 15.0  # one request; waits poll with their own deadlines
 MIN_REQUEST_S = 0.2  # what a request still gets once its deadline has passed (a last try)
+JSON = "application/json"
+MERGE_PATCH = "application/merge-patch+json"
+STRATEGIC_MERGE_PATCH = "application/strategic-merge-patch+json"
+Query = dict[str, str | int]
 
 
 def request_timeout(deadline: Deadline) -> float:
@@ -42,16 +51,85 @@ class Cluster:
     source: str
 
     @property
-    def core(self) -> Any:
-        return k8s.CoreV1Api(self.api)
-
-    @property
-    def apps(self) -> Any:
-        return k8s.AppsV1Api(self.api)
-
-    @property
     def server(self) -> str:
         return str(self.api.configuration.host)
+
+    # -- requests by URL path (see resources.Kind) ---------------------------------------
+
+    def get(
+        self, what: str, path: str, *, deadline: Deadline, query: Query | None = None, missing_ok: bool = False
+    ) -> Any:
+        """The object at ``path`` (a Resource); with ``missing_ok``, None when it does not exist."""
+        return self.call(what, self._send, "GET", path, query, None, deadline=deadline, missing_ok=missing_ok)
+
+    def items(
+        self, what: str, path: str, *, deadline: Deadline, selector: str | None = None, fields: str | None = None
+    ) -> list[Any]:
+        """The objects of the collection at ``path`` with the label ``selector`` and field selector ``fields``."""
+        query: Query = {}
+        if selector is not None:
+            query["labelSelector"] = selector
+        if fields is not None:
+            query["fieldSelector"] = fields
+        return list(self.get(what, path, deadline=deadline, query=query).items or [])
+
+    def post(self, what: str, path: str, body: dict[str, Any], *, deadline: Deadline) -> Any:
+        """Create ``body`` in the collection at ``path``; the object as created."""
+        return self.call(what, self._send, "POST", path, None, body, JSON, deadline=deadline)
+
+    def patch(
+        self,
+        what: str,
+        path: str,
+        body: dict[str, Any],
+        *,
+        deadline: Deadline,
+        content_type: str = MERGE_PATCH,
+        missing_ok: bool = False,
+    ) -> Any:
+        """Patch the object at ``path`` with ``body`` (a JSON merge patch unless ``content_type`` says otherwise)."""
+        return self.call(
+            what, self._send, "PATCH", path, None, body, content_type, deadline=deadline, missing_ok=missing_ok
+        )
+
+    def delete(
+        self, what: str, path: str, *, deadline: Deadline, query: Query | None = None, missing_ok: bool = False
+    ) -> Any:
+        """Delete the object (or, with a ``labelSelector`` query, the objects) at ``path``."""
+        return self.call(what, self._send, "DELETE", path, query, None, deadline=deadline, missing_ok=missing_ok)
+
+    def text(self, what: str, path: str, *, deadline: Deadline, query: Query | None = None) -> str:
+        """The plain text at ``path`` (a container's log)."""
+        return str(self.call(what, self._send, "GET", path, query, None, None, False, deadline=deadline))
+
+    def _send(
+        self,
+        verb: str,
+        path: str,
+        query: Query | None,
+        body: dict[str, Any] | None,
+        content_type: str | None = None,
+        parse: bool = True,
+        *,
+        _request_timeout: float,
+    ) -> Any:
+        """One HTTP request through the client's connection pool, with its TLS and authentication."""
+        headers = {"Accept": JSON if parse else "*/*"}
+        if body is not None and content_type is not None:
+            headers["Content-Type"] = content_type
+        method, url, headers, body, post = self.api.param_serialize(
+            method=verb,
+            resource_path=path,
+            query_params=list(query.items()) if query else None,
+            header_params=headers,
+            body=body,
+            auth_settings=["BearerToken"],
+        )
+        response = self.api.call_api(method, url, headers, body, post, _request_timeout=_request_timeout)
+        data = response.read()
+        if not 200 <= response.status <= 299:
+            raise ApiException.from_response(http_resp=response, body=data.decode("utf-8", "replace"), data=None)
+        return wrap(json.loads(data)) if parse else data.decode("utf-8", "replace")
 
     def call(
         self, what: str, method: Callable[..., Any], *args: Any, deadline: Deadline, missing_ok: bool = False, **kw: Any
@@ -96,7 +174,7 @@ class Cluster:
 def connect(kubeconfig: str | None, context: str | None) -> Cluster:
     """A client for the kubeconfig (default: $KUBECONFIG, then ~/.kube/config) and context;
     inside a pod without a kubeconfig, the pod's service account."""
-    configuration = k8s.Configuration()
+    configuration = Configuration()
     try:
         load: Any = k8s_config.load_kube_config  # untyped
         load(config_file=kubeconfig, context=context, client_configuration=configuration, persist_config=False)
@@ -110,7 +188,7 @@ def connect(kubeconfig: str | None, context: str | None) -> Cluster:
             ) from None
         where = "in-cluster service account"
     configuration.retries = 0  # every request ends within its own timeout: no hidden retries
-    return Cluster(k8s.ApiClient(configuration), where)
+    return Cluster(ApiClient(configuration), where)
 
 
 def _in_cluster(configuration: Any) -> bool:

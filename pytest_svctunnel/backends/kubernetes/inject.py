@@ -29,15 +29,14 @@ from ...targets import Target, choose
 from ...values import IPAddress
 from ...waiting import Deadline, Stopwatch, wait_for
 from . import objects, podstate
-from .client import Cluster
+from .client import MERGE_PATCH, STRATEGIC_MERGE_PATCH, Cluster
+from .resources import PODS, SECRETS, SERVICES
 
 log = logging.getLogger("svctunnel.inject")
 
 _POLL_S = 0.2
 _DIAGNOSTICS_S = 10.0
 GOODBYE_S = 5.0  # how long teardown waits for the agent's goodbye
-PATCH = "application/merge-patch+json"
-STRATEGIC = "application/strategic-merge-patch+json"
 AGENT_CAPABILITIES = ("NET_ADMIN", "NET_RAW")
 
 
@@ -92,14 +91,8 @@ def injected_label(run_id: str) -> str:
 
 def find_pods(cluster: Cluster, target: Target, deadline: Deadline) -> list[Any]:
     """The target's pods, Running and on a network of their own; a KubeError lists what was found."""
-    listing = cluster.call(
-        f"listing the pods of target {target}",
-        cluster.core.list_namespaced_pod,
-        target.namespace,
-        label_selector=target.selector,
-        deadline=deadline,
-    )
-    return choose(target, list(listing.items))
+    what = f"listing the pods of target {target}"
+    return choose(target, cluster.items(what, PODS.path(target.namespace), selector=target.selector, deadline=deadline))
 
 
 def ephemeral_container(place: InjectedPlacement, image: str, agent: AgentSettings) -> dict[str, Any]:
@@ -175,7 +168,7 @@ class InjectedEnd:
     # -- deploying -----------------------------------------------------------------
 
     def deploy(self, key: bytes, deadline: Deadline, stopwatch: Stopwatch) -> Endpoint:
-        p, o, core = self.place, self.options, self.cluster.core
+        p, o = self.place, self.options
         self._key = key
         agent = AgentSettings(key=key, port=o.port, peer=o.peer, idle_exit=o.idle_exit, shared_netns=True)
         self._create_secret(key, deadline)
@@ -184,14 +177,12 @@ class InjectedEnd:
         self._create_service(deadline)
         stopwatch.lap("objects created")
         self._created.append("container")
-        self.cluster.call(
+        self.cluster.patch(
             f"adding the agent's ephemeral container to pod {p.namespace}/{p.pod}",
-            core.patch_namespaced_pod_ephemeralcontainers,
-            p.pod,
-            p.namespace,
+            PODS.path(p.namespace, p.pod, "ephemeralcontainers"),
             {"spec": {"ephemeralContainers": [ephemeral_container(p, o.image, agent)]}},
             deadline=deadline,
-            _content_type=STRATEGIC,
+            content_type=STRATEGIC_MERGE_PATCH,
         )
         pod = self._wait_started(deadline)
         stopwatch.lap("agent injected")
@@ -203,10 +194,9 @@ class InjectedEnd:
     def _create_secret(self, key: bytes, deadline: Deadline) -> None:
         p = self.place
         self._created.append("secret")
-        self.cluster.call(
+        self.cluster.post(
             f"creating Secret {p.secret} in {p.namespace}",
-            self.cluster.core.create_namespaced_secret,
-            p.namespace,
+            SECRETS.path(p.namespace),
             secret_manifest(p, self.run_id, key_text(key)),
             deadline=deadline,
         )
@@ -214,38 +204,29 @@ class InjectedEnd:
     def _create_service(self, deadline: Deadline) -> None:
         p = self.place
         self._created.append("service")
-        self.cluster.call(
+        self.cluster.post(
             f"creating Service {p.service} in {p.namespace}",
-            self.cluster.core.create_namespaced_service,
-            p.namespace,
+            SERVICES.path(p.namespace),
             service_manifest(p, self.run_id, self.options),
             deadline=deadline,
         )
 
     def _patch_label(self, value: str | None, deadline: Deadline) -> None:
         p = self.place
-        self.cluster.call(
+        self.cluster.patch(
             f"{'labelling' if value else 'removing the run label from'} pod {p.namespace}/{p.pod}",
-            self.cluster.core.patch_namespaced_pod,
-            p.pod,
-            p.namespace,
+            PODS.path(p.namespace, p.pod),
             {"metadata": {"labels": {p.label_key: value}}},
             deadline=deadline,
             missing_ok=value is None,
-            _content_type=PATCH,
+            content_type=MERGE_PATCH,
         )
 
     def pod(self, deadline: Deadline) -> Any:
         """The target pod, or None once it is gone."""
         p = self.place
-        return self.cluster.call(
-            f"reading pod {p.namespace}/{p.pod}",
-            self.cluster.core.read_namespaced_pod,
-            p.pod,
-            p.namespace,
-            deadline=deadline,
-            missing_ok=True,
-        )
+        what = f"reading pod {p.namespace}/{p.pod}"
+        return self.cluster.get(what, PODS.path(p.namespace, p.pod), deadline=deadline, missing_ok=True)
 
     def _wait_started(self, deadline: Deadline) -> Any:
         p = self.place
@@ -295,27 +276,17 @@ class InjectedEnd:
 
     def _log(self, deadline: Deadline) -> str:
         p = self.place
-        return str(
-            self.cluster.call(
-                f"reading the log of the agent in pod {p.namespace}/{p.pod}",
-                self.cluster.core.read_namespaced_pod_log,
-                p.pod,
-                p.namespace,
-                container=p.container,
-                tail_lines=podstate.LOG_LINES,
-                deadline=deadline,
-            )
+        return self.cluster.text(
+            f"reading the log of the agent in pod {p.namespace}/{p.pod}",
+            PODS.path(p.namespace, p.pod, "log"),
+            query={"container": p.container, "tailLines": podstate.LOG_LINES},
+            deadline=deadline,
         )
 
     def _service(self, deadline: Deadline) -> Any:
         p = self.place
-        return self.cluster.call(
-            f"reading Service {p.namespace}/{p.service}",
-            self.cluster.core.read_namespaced_service,
-            p.service,
-            p.namespace,
-            deadline=deadline,
-        )
+        what = f"reading Service {p.namespace}/{p.service}"
+        return self.cluster.get(what, SERVICES.path(p.namespace, p.service), deadline=deadline)
 
     def _endpoint(self, pod: Any, deadline: Deadline) -> Endpoint:
         o = self.options
@@ -396,27 +367,15 @@ class InjectedEnd:
         return []
 
     def _undo(self, step: str, deadline: Deadline) -> None:
-        p, core = self.place, self.cluster.core
+        p = self.place
         if step == "label":
             self._patch_label(None, deadline)
         elif step == "service":
-            self.cluster.call(
-                f"deleting Service {p.namespace}/{p.service}",
-                core.delete_namespaced_service,
-                p.service,
-                p.namespace,
-                deadline=deadline,
-                missing_ok=True,
-            )
+            what = f"deleting Service {p.namespace}/{p.service}"
+            self.cluster.delete(what, SERVICES.path(p.namespace, p.service), deadline=deadline, missing_ok=True)
         elif step == "secret":
-            self.cluster.call(
-                f"deleting Secret {p.namespace}/{p.secret}",
-                core.delete_namespaced_secret,
-                p.secret,
-                p.namespace,
-                deadline=deadline,
-                missing_ok=True,
-            )
+            what = f"deleting Secret {p.namespace}/{p.secret}"
+            self.cluster.delete(what, SECRETS.path(p.namespace, p.secret), deadline=deadline, missing_ok=True)
 
     @classmethod
     def from_record(cls: type[_End], run_id: str, cluster: Cluster, record: dict[str, Any]) -> _End:

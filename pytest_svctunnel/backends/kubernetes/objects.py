@@ -16,6 +16,7 @@ from ...waiting import Deadline, wait_for
 from . import manifests
 from .client import Cluster
 from .options import Placement
+from .resources import DEPLOYMENTS, EVENTS, NAMESPACES, NODES, PODS, SECRETS, SERVICES
 
 _POLL_S = 0.2
 
@@ -23,41 +24,30 @@ _POLL_S = 0.2
 def create(
     cluster: Cluster, placement: Placement, run_id: str, objects: dict[str, manifests.Obj], deadline: Deadline
 ) -> None:
-    """Create the run's namespace (when it owns one), then its Secret, Deployment and Service."""
-    core, apps, ns = cluster.core, cluster.apps, placement.namespace
+    """Create the run's namespace (when it owns one), then its Service, Secret and Deployment.
+
+    The Service goes first: kube-proxy programs a new Service at once but its first endpoint at
+    the earliest one minimum sync period (1 s by default, and in KinD) later, and that second
+    runs while the pod starts."""
+    ns = placement.namespace
     if placement.owns_namespace:
         body = manifests.namespace(ns, run_id)
-        cluster.call(f"creating namespace {ns}", core.create_namespace, body, deadline=deadline)
-    steps = (
-        ("Secret", core.create_namespaced_secret),
-        ("Deployment", apps.create_namespaced_deployment),
-        ("Service", core.create_namespaced_service),
-    )
-    for kind, method in steps:
-        cluster.call(f"creating {kind} {placement.name} in {ns}", method, ns, objects[kind], deadline=deadline)
+        cluster.post(f"creating namespace {ns}", NAMESPACES.path(), body, deadline=deadline)
+    for kind, resource in (("Service", SERVICES), ("Secret", SECRETS), ("Deployment", DEPLOYMENTS)):
+        what = f"creating {kind} {placement.name} in {ns}"
+        cluster.post(what, resource.path(ns), objects[kind], deadline=deadline)
 
 
 def pods(cluster: Cluster, placement: Placement, deadline: Deadline) -> list[Any]:
     """The run's pods in its namespace."""
-    listing = cluster.call(
-        f"listing the pods in {placement.namespace}",
-        cluster.core.list_namespaced_pod,
-        placement.namespace,
-        label_selector=placement.selector,
-        deadline=deadline,
-    )
-    return list(listing.items)
+    what = f"listing the pods in {placement.namespace}"
+    return cluster.items(what, PODS.path(placement.namespace), selector=placement.selector, deadline=deadline)
 
 
 def service(cluster: Cluster, placement: Placement, deadline: Deadline) -> Any:
     """The run's Service."""
-    return cluster.call(
-        f"reading Service {placement.namespace}/{placement.name}",
-        cluster.core.read_namespaced_service,
-        placement.name,
-        placement.namespace,
-        deadline=deadline,
-    )
+    what = f"reading Service {placement.namespace}/{placement.name}"
+    return cluster.get(what, SERVICES.path(placement.namespace, placement.name), deadline=deadline)
 
 
 LB_HINT = (
@@ -104,7 +94,7 @@ def node_port_endpoint(cluster: Cluster, pod: Any, svc: Any, deadline: Deadline)
     if pod.spec.host_network:
         return Endpoint(ipaddress.ip_address(pod.status.pod_ip), node_port)
     name = pod.spec.node_name
-    node = cluster.call(f"reading node {name}", cluster.core.read_node, name, deadline=deadline)
+    node = cluster.get(f"reading node {name}", NODES.path(name=name), deadline=deadline)
     addresses = {a.type: a.address for a in node.status.addresses or []}
     address = addresses.get("ExternalIP") or addresses.get("InternalIP")
     if not address:
@@ -135,13 +125,12 @@ def recent_events(
 ) -> str:
     """The namespace's last events (only those about the object named ``about``, when given),
     oldest first, one line each."""
-    events = cluster.call(
+    events = cluster.items(
         f"listing events in {namespace}",
-        cluster.core.list_namespaced_event,
-        namespace,
-        field_selector=None if about is None else f"involvedObject.name={about}",
+        EVENTS.path(namespace),
+        fields=None if about is None else f"involvedObject.name={about}",
         deadline=deadline,
     )
-    items = sorted(events.items, key=lambda e: e.last_timestamp or e.event_time or e.metadata.creation_timestamp)
+    items = sorted(events, key=lambda e: e.last_timestamp or e.event_time or e.metadata.creation_timestamp or "")
     lines = [f"{e.type} {e.involved_object.kind}/{e.involved_object.name} {e.reason}: {e.message}" for e in items]
     return "\n".join(lines[-count:]) or "no events"

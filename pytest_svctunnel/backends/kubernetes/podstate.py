@@ -13,6 +13,7 @@ from typing import Any
 from ...errors import KubeError
 from ...waiting import Deadline
 from .client import Cluster
+from .resources import PODS
 
 FATAL_WAITING = {
     "ErrImagePull": "its image cannot be pulled",
@@ -128,13 +129,10 @@ def read_logs(cluster: Cluster, namespace: str, pods: list[Any], container: str)
     parts = []
     for pod in pods:
         name = pod.metadata.name
-        text = cluster.call(
+        text = cluster.text(
             f"reading the log of {namespace}/{name} container {container}",
-            cluster.core.read_namespaced_pod_log,
-            name,
-            namespace,
-            container=container,
-            tail_lines=LOG_LINES,
+            PODS.path(namespace, name, "log"),
+            query={"container": container, "tailLines": LOG_LINES},
             deadline=Deadline.after(LOG_READ_S),
         )
         parts.append(f"--- {name}/{container}\n{text}")

@@ -13,11 +13,10 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from kubernetes import client as k8s
-
 from ...errors import KubeError
 from ...waiting import Deadline
 from .client import Cluster
+from .resources import ACCESS_REVIEWS, NAMESPACES
 
 EPHEMERAL_SINCE = (1, 25)  # pods/ephemeralcontainers is stable from this release on
 PSA_ENFORCE = "pod-security.kubernetes.io/enforce"
@@ -137,7 +136,7 @@ def _check(
 
 
 def _server_version(cluster: Cluster, deadline: Deadline) -> tuple[str, str]:
-    info = cluster.call("reading the server's version", k8s.VersionApi(cluster.api).get_code, deadline=deadline)
+    info = cluster.get("reading the server's version", "/version", deadline=deadline)
     return str(info.major), str(info.minor)
 
 
@@ -145,8 +144,8 @@ def _namespace_labels(cluster: Cluster, namespace: str, deadline: Deadline) -> d
     """The namespace's labels; None when the user may not read namespaces (the admission of the
     injection itself then tells)."""
     try:
-        found: Any = cluster.call(
-            f"reading namespace {namespace}", cluster.core.read_namespace, namespace, deadline=deadline, missing_ok=True
+        found: Any = cluster.get(
+            f"reading namespace {namespace}", NAMESPACES.path(name=namespace), deadline=deadline, missing_ok=True
         )
     except KubeError as exc:
         if exc.status == 403:
@@ -154,22 +153,21 @@ def _namespace_labels(cluster: Cluster, namespace: str, deadline: Deadline) -> d
         raise
     if found is None:
         raise KubeError(f"namespace {namespace} does not exist; check the target's namespace")
-    return dict(found.metadata.labels or {})
+    labels = found.metadata.labels
+    return dict(labels.raw) if labels is not None else {}
 
 
 def _allowed(cluster: Cluster, namespace: str, permission: Permission, deadline: Deadline) -> bool:
     resource, _, subresource = permission.resource.partition("/")
-    review = k8s.V1SelfSubjectAccessReview(
-        spec=k8s.V1SelfSubjectAccessReviewSpec(
-            resource_attributes=k8s.V1ResourceAttributes(
-                namespace=namespace, verb=permission.verb, resource=resource, subresource=subresource or None
-            )
-        )
-    )
-    answer: Any = cluster.call(
-        f"asking whether the user may {permission} in {namespace}",
-        k8s.AuthorizationV1Api(cluster.api).create_self_subject_access_review,
-        review,
-        deadline=deadline,
+    attributes = {"namespace": namespace, "verb": permission.verb, "resource": resource}
+    if subresource:
+        attributes["subresource"] = subresource
+    review = {
+        "apiVersion": "authorization.k8s.io/v1",
+        "kind": "SelfSubjectAccessReview",
+        "spec": {"resourceAttributes": attributes},
+    }
+    answer: Any = cluster.post(
+        f"asking whether the user may {permission} in {namespace}", ACCESS_REVIEWS.path(), review, deadline=deadline
     )
     return bool(answer.status.allowed)

@@ -27,6 +27,7 @@ from ...protocol import Endpoint
 from ...waiting import Deadline, Stopwatch, wait_for
 from . import manifests, podstate
 from .inject import GOODBYE_S, InjectedEnd, InjectedPlacement, agent_container
+from .resources import PODS
 
 SIDECAR = "svctunnel"  # the sidecar container's name
 STARTUP_S = 600  # how long the kubelet waits for the tunnel before it restarts the sidecar
@@ -89,14 +90,9 @@ class SidecarEnd(InjectedEnd):
         selector = f"{p.label_key}={p.label_value}"
 
         def one() -> Any:
-            listing = self.cluster.call(
-                f"listing the pods -l {selector} in {p.namespace}",
-                self.cluster.core.list_namespaced_pod,
-                p.namespace,
-                label_selector=selector,
-                deadline=deadline,
-            )
-            pods = [x for x in listing.items if x.metadata.deletion_timestamp is None]
+            what = f"listing the pods -l {selector} in {p.namespace}"
+            listing = self.cluster.items(what, PODS.path(p.namespace), selector=selector, deadline=deadline)
+            pods = [x for x in listing if x.metadata.deletion_timestamp is None]
             if len(pods) > 1:
                 raise KubeError(
                     f"{len(pods)} pods carry the sidecar's label {selector} in {p.namespace}"
