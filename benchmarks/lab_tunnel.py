@@ -11,11 +11,10 @@ there).
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
 import sys
-import time
+
+from iperf import PORT, tcp_gbits
 
 from pytest_svctunnel import nft
 from pytest_svctunnel.backends.lab import LabBackend
@@ -24,33 +23,11 @@ from pytest_svctunnel.names import new_run_id
 from pytest_svctunnel.networks import session_plan
 from pytest_svctunnel.session import TunnelSession
 
-IPERF_PORT = 5201
-
 
 def cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as stat:
         fields = stat.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def iperf(ns: str, bind: str, target: str, seconds: int) -> float:
-    server = subprocess.Popen(
-        ["ip", "netns", "exec", ns, "iperf3", "-s", "-1", "-B", bind, "-p", str(IPERF_PORT)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        time.sleep(0.5)
-        out = subprocess.run(
-            ["iperf3", "-c", target, "-p", str(IPERF_PORT), "-t", str(seconds), "-J"],
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=seconds + 30,
-        ).stdout
-    finally:
-        server.wait(10)
-    return float(json.loads(out)["end"]["sum_received"]["bits_per_second"]) / 1e9
 
 
 def main() -> None:
@@ -68,15 +45,16 @@ def main() -> None:
         agent_pid = lab.agent.pid
         assert agent_pid is not None
         cpu_before = cpu_seconds(agent_pid)
-        over = iperf(pod_ns, str(tunnel.default.remote_ipv4.ip), str(tunnel.default.remote_ipv4.ip), seconds)
+        enter = ["ip", "netns", "exec", pod_ns]
+        over = tcp_gbits(enter, str(tunnel.default.remote_ipv4.ip), str(tunnel.default.remote_ipv4.ip), seconds)
         agent_cpu = cpu_seconds(agent_pid) - cpu_before
         service = plan.service(4).address
         nft.apply(
-            f"add rule inet svtlab prerouting ip daddr {service} tcp dport {IPERF_PORT}"
-            f" dnat ip to {plan.pod_address(4)}:{IPERF_PORT}\n",
+            f"add rule inet svtlab prerouting ip daddr {service} tcp dport {PORT}"
+            f" dnat ip to {plan.pod_address(4)}:{PORT}\n",
             plan.ns("node"),
         )
-        direct = iperf(pod_ns, str(plan.pod_address(4)), str(service), seconds)
+        direct = tcp_gbits(enter, str(plan.pod_address(4)), str(service), seconds)
         print(
             f"iperf3 TCP, {seconds} s each: over the tunnel {over:.2f} Gbit/s, "
             f"same path without the tunnel {direct:.2f} Gbit/s ({over / direct:.0%})"

@@ -4,6 +4,7 @@ Run it (as root) on the built-in lab:  pytest examples --svctunnel-backend lab
 or on the cluster of your kubeconfig:  pytest examples
 """
 
+import socket
 import subprocess
 
 import pytest
@@ -16,12 +17,29 @@ def ping(address, dev, *extra):
     return done.returncode == 0
 
 
+def tcp_answered(address, port=9):
+    """A TCP connection to the pod end gets the pod's answer: nothing listens on ``port`` there, so
+    the pod refuses it (a timeout would mean TCP does not cross the tunnel)."""
+    family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.settimeout(3)
+        try:
+            sock.connect((str(address), port))
+        except ConnectionRefusedError:
+            return True
+        except OSError:
+            return False
+    return True
+
+
 def test_default_network_ipv4(svctunnel):
     assert ping(svctunnel.remote_ipv4.ip, svctunnel.dev)
+    assert tcp_answered(svctunnel.remote_ipv4.ip)
 
 
 def test_default_network_ipv6(svctunnel):
     assert ping(svctunnel.remote_ipv6.ip, svctunnel.dev)
+    assert tcp_answered(svctunnel.remote_ipv6.ip)
 
 
 @pytest.mark.svctunnel_network("signalling")

@@ -133,7 +133,8 @@ def _handshake(
         "handshake",
         settings.timeout,
         f"{stage} from {settings.service} (sent {shake.counter} datagrams)",
-        "check that the Service forwards UDP to the agent, the key matches, and --peer/--svctunnel-peer is right",
+        "check that the Service forwards UDP to the agent, the key matches, and --peer/--svctunnel-peer is right"
+        " (a load balancer that proxies shows the pod its own address, never yours: leave the peer out there)",
     )
 
 

@@ -61,7 +61,7 @@ def svctunnel(request: pytest.FixtureRequest) -> Iterator[Tunnel]:
         failure = exc
     if failure is not None:  # outside the except: the report shows our line, not a chained traceback
         pytest.fail(f"svctunnel: {failure}", pytrace=False)
-    state.setup_note = f"tunnel ready in {session.stopwatch.render()}"
+    state.setup_note = f"tunnel ready in {session.stopwatch.render()}; {tunnel.describe_path()}"
     yield tunnel
     started = time.monotonic()
     note = session.stop(failed=request.session.testsfailed > 0)

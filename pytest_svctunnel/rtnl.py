@@ -9,7 +9,9 @@ plain netlink socket; every answer is matched to its request by sequence number.
 
 from __future__ import annotations
 
+import array
 import ctypes
+import fcntl
 import ipaddress
 import os
 import secrets
@@ -35,6 +37,7 @@ NLM_F_EXCL, NLM_F_CREATE, NLM_F_APPEND = 0x200, 0x400, 0x800
 IFLA_IFNAME, IFLA_MTU, IFLA_STATS64, IFLA_LINKINFO, IFLA_GROUP = 3, 4, 23, 18, 27
 IFLA_INFO_KIND, IFLA_INFO_DATA = 1, 2
 VXLAN_ID, VXLAN_LINK, VXLAN_LOCAL, VXLAN_LEARNING, VXLAN_PORT_RANGE, VXLAN_PORT, VXLAN_LOCAL6 = 1, 3, 4, 7, 10, 15, 17
+VXLAN_UDP_CSUM = 18
 IFA_ADDRESS, IFA_LOCAL = 1, 2
 NDA_DST, NDA_LLADDR, NDA_PORT = 1, 2, 6
 RTA_DST = 1
@@ -133,20 +136,40 @@ _DUMP_TRIES = 5
 _NETNS_DIR = "/run/netns"
 
 
-def _route_socket(netns: str | None) -> socket.socket:
-    """A NETLINK_ROUTE socket of ``netns`` (None: this thread's): the thread enters the namespace
-    only while it makes the socket, which stays bound to that namespace."""
+def _socket_in(netns: str | None, family: int, kind: int, proto: int = 0) -> socket.socket:
+    """A socket of ``netns`` (None: this thread's): the thread enters the namespace only while it
+    makes the socket, which stays bound to that namespace."""
     if netns is None:
-        return socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+        return socket.socket(family, kind, proto)
     libc = ctypes.CDLL(None, use_errno=True)
     with open("/proc/thread-self/ns/net", "rb") as home, open(f"{_NETNS_DIR}/{netns}", "rb") as there:
         if libc.setns(there.fileno(), CLONE_NEWNET) != 0:
             raise OSError(ctypes.get_errno(), f"entering network namespace {netns}")
         try:
-            return socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+            return socket.socket(family, kind, proto)
         finally:
             if libc.setns(home.fileno(), CLONE_NEWNET) != 0:  # never carry on in the wrong namespace
                 os.abort()
+
+
+def _route_socket(netns: str | None) -> socket.socket:
+    """A NETLINK_ROUTE socket of ``netns`` (None: this thread's)."""
+    return _socket_in(netns, socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+
+
+SIOCETHTOOL = 0x8946
+ETHTOOL_GTXCSUM, ETHTOOL_STXCSUM = 0x16, 0x17
+
+
+def tx_checksum(netns: str | None, name: str, on: bool | None = None) -> bool:
+    """Whether device ``name`` leaves transmit checksums to later (offload); with ``on``, set it
+    first (the ioctl behind ``ethtool -K NAME tx on|off``)."""
+    command = ETHTOOL_GTXCSUM if on is None else ETHTOOL_STXCSUM
+    value = array.array("I", [command, int(bool(on))])
+    address, _ = value.buffer_info()  # the kernel reads and writes ``value`` through this address
+    with _socket_in(netns, socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        fcntl.ioctl(sock.fileno(), SIOCETHTOOL, struct.pack("16sP", name.encode(), address))
+    return bool(value[1]) if on is None else bool(on)
 
 
 class Socket:

@@ -73,6 +73,17 @@ class Tunnel:
         return self.service.address
 
     @property
+    def proxied(self) -> bool:
+        """Whether a proxy sits between the ends: the pod sees this end as the load balancer's own
+        address (cloud-provider-kind's Envoy forwards from there), as the agent told in its ACK."""
+        return self.peer.address == self.service.address
+
+    def describe_path(self) -> str:
+        """Where the pod sees this end, and through what."""
+        through = "a proxying load balancer" if self.proxied else "the Service"
+        return f"the pod sees this end as {self.peer} through {through} at {self.service}"
+
+    @property
     def dev(self) -> str:
         return self.default.dev
 

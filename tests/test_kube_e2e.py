@@ -16,6 +16,7 @@ of its run may remain: no object with its label, no namespace, link or process.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import shutil
@@ -52,6 +53,7 @@ _READY = re.compile(r"^svctunnel: tunnel ready in .*$", re.MULTILINE)
 
 # what the inner suites that watch their agent pod share: its client, and one ping over a tunnel device
 POD_SUITE_HEAD = """
+import ipaddress
 import os
 import subprocess
 import time
@@ -92,6 +94,7 @@ def test_agent_pod_restart_heals_the_tunnel(svctunnel):
 
 
 NODE_SUITE = """
+import ipaddress
 import os
 import subprocess
 
@@ -199,18 +202,24 @@ def assert_run_left_nothing(cluster: TestCluster, run_id: str, output: str, seco
     assert agents == "", f"an agent process outlived its pod: {agents}"
 
 
-@pytest.mark.parametrize("service_type", ["LoadBalancer", "NodePort"])
-def test_example_suite_through_kube_proxy(pytester: pytest.Pytester, cluster: TestCluster, service_type: str) -> None:
+def run_example(pytester: pytest.Pytester, cluster: TestCluster, *args: str) -> tuple[str, str, str]:
+    """The example suite in an inner session, all five tests passed: its ready line, its output, its run id."""
     pytester.makepyfile(test_multinet=EXAMPLE.read_text())
-    result, run_id = run_inner(pytester, cluster, "--svctunnel-service-type", service_type)
+    result, run_id = run_inner(pytester, cluster, *args)
     output = result.stdout.str()
     assert result.ret == pytest.ExitCode.OK, output
     result.assert_outcomes(passed=5)
     ready = _READY.search(output)
     assert ready is not None, output
-    print(f"{service_type}: {ready[0]}")
+    return ready[0], output, run_id
+
+
+@pytest.mark.parametrize("service_type", ["LoadBalancer", "NodePort"])
+def test_example_suite_through_kube_proxy(pytester: pytest.Pytester, cluster: TestCluster, service_type: str) -> None:
+    ready, output, run_id = run_example(pytester, cluster, "--svctunnel-service-type", service_type)
+    print(f"{service_type}: {ready}")
     for phase in ("objects created", "pod placed", "handshake", "first ping"):
-        assert phase in ready[0]
+        assert phase in ready
     assert_run_left_nothing(cluster, run_id, output)
 
 
@@ -1179,3 +1188,175 @@ def test_a_deleted_target_pod_is_named_in_the_report(pytester: pytest.Pytester, 
         assert_run_left_nothing(cluster, run_id, output)
     finally:
         core.delete_namespace(namespace)
+
+
+# ---- the two load-balancer modes: routed (MetalLB) and proxy (cloud-provider-kind) ----------------------------
+
+_PATH = re.compile(r"the pod sees this end as (?P<peer>[0-9.]+):\d+ through (?P<through>.+) at (?P<service>[0-9.]+):")
+
+
+@pytest.fixture
+def proxy_mode(cluster: TestCluster) -> Iterator[TestCluster]:
+    """LoadBalancer Services made meanwhile get a userspace proxy of their own, as with cloud-provider-kind."""
+    with cluster.balancer.use("proxy"):
+        yield cluster
+
+
+def proxy_log(cluster: TestCluster, address: str) -> str:
+    """What the latest proxy that held ``address`` logged, restarts included (its log names its address)."""
+    logs = [f for f in cluster.balancer.work_dir.glob("*-lb*.log") if f"listening on {address} " in f.read_text()]
+    return max(logs, key=lambda f: f.stat().st_mtime).read_text() if logs else ""
+
+
+def assert_proxies_gone(cluster: TestCluster, seconds: float = 60.0) -> None:
+    """Once its Service is gone a proxy stops and its namespace goes."""
+    deadline, prefix = time.monotonic() + seconds, names.netns_name(cluster.network.run.id, "lb")
+    while (cluster.balancer.proxies() or netns.listing(prefix)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert cluster.balancer.proxies() == [], "a Service's proxy outlived its Service"
+    assert netns.listing(prefix) == [], "a proxy's network namespace outlived its Service"
+
+
+def test_example_suite_through_the_proxy(pytester: pytest.Pytester, proxy_mode: TestCluster) -> None:
+    ready, output, run_id = run_example(pytester, proxy_mode)
+    print(f"LoadBalancer through the proxy: {ready}")
+    path = _PATH.search(ready)
+    assert path is not None, ready
+    assert path["through"] == "a proxying load balancer", ready
+    assert path["peer"] == path["service"], "the pod must see the proxy's address (cloud-provider-kind's Envoy)"
+    assert ipaddress.ip_address(path["service"]) in proxy_mode.network.plan.lb_proxy_pool
+    assert_run_left_nothing(proxy_mode, run_id, output)
+    assert_proxies_gone(proxy_mode)
+
+
+def test_the_routed_mode_keeps_the_source_so_a_pinned_peer_works(
+    pytester: pytest.Pytester, cluster: TestCluster
+) -> None:
+    """MetalLB's way: the pod sees this host as the home router's WAN address, and --svctunnel-peer pins it."""
+    wan = str(cluster.network.plan.lab.address(4, 2, 1))
+    ready, output, run_id = run_example(pytester, cluster, "--svctunnel-peer", wan)
+    path = _PATH.search(ready)
+    assert path is not None, ready
+    assert (path["peer"], path["through"]) == (wan, "the Service"), ready
+    assert_run_left_nothing(cluster, run_id, output)
+
+
+PROXY_REFUSES = {
+    # the session's args -> what the error must say
+    "pinned-peer": (
+        ("--svctunnel-peer", "198.51.100.7"),
+        ("--svctunnel-peer 198.51.100.7 cannot work here", "keeps strangers out"),
+    ),
+    "node-mode": (("--svctunnel-node", "NODE"), ("node mode", "cannot work here", "leave --svctunnel-node out")),
+}
+
+
+@pytest.mark.parametrize("case", list(PROXY_REFUSES))
+def test_a_proxy_refuses_what_it_cannot_carry_before_the_pod_end_exists(
+    pytester: pytest.Pytester, proxy_mode: TestCluster, case: str
+) -> None:
+    args, phrases = PROXY_REFUSES[case]
+    args = tuple(proxy_mode.node_name if a == "NODE" else a for a in args)
+    pytester.makepyfile(test_multinet=EXAMPLE.read_text())
+    result, run_id = run_inner(pytester, proxy_mode, *args, "-x")
+    output = result.stdout.str()
+    assert result.ret == pytest.ExitCode.TESTS_FAILED, output
+    for phrase in (*phrases, "ipMode Proxy"):
+        assert phrase in output, output
+    assert "--- pod end pods\nno pods" in output, "the pod end must not have been created"
+    assert "ScalingReplicaSet" not in output, "the pod end's Deployment must not have been created"
+    assert_run_left_nothing(proxy_mode, run_id, output)
+    assert_proxies_gone(proxy_mode)
+
+
+HEAL_SUITE = (
+    POD_SUITE_HEAD
+    + """
+from pathlib import Path
+
+
+def pings_again(svctunnel, seconds):
+    started = time.monotonic()
+    while time.monotonic() - started < seconds:
+        if ping(svctunnel.remote_ipv4.ip, svctunnel.dev) and ping(svctunnel.remote_ipv6.ip, svctunnel.dev):
+            return time.monotonic() - started
+    raise AssertionError(f"the tunnel did not heal within {seconds} s")
+
+
+def test_heals(svctunnel):
+    assert ping(svctunnel.remote_ipv4.ip, svctunnel.dev)
+    Path("tunnel-up").write_text(str(svctunnel.service_address))
+    while not Path("dropped").exists():  # the outer test drops the proxy's session
+        time.sleep(0.1)
+    print(f"healed {pings_again(svctunnel, 40):.1f} s after the proxy dropped the session")
+
+
+def test_stays_up(svctunnel):
+    for _ in range(30):  # 6 s, three times the proxy's idle timeout in these tests
+        assert ping(svctunnel.remote_ipv4.ip, svctunnel.dev)
+        time.sleep(0.2)
+"""
+)
+
+
+def run_healing(pytester: pytest.Pytester, cluster: TestCluster, drop: Any, *args: str) -> tuple[str, str, str]:
+    """The heal suite in the background; ``drop(address)`` makes the proxy lose the session once the tunnel is
+    up. Returns the inner output, its run id and what the session's proxy logged."""
+    pytester.makepyfile(test_heal=HEAL_SUITE)
+    up, dropped = pytester.path / "tunnel-up", pytester.path / "dropped"
+    outcome: list[tuple[pytest.RunResult, str]] = []
+    inner = threading.Thread(target=lambda: outcome.append(run_inner(pytester, cluster, *args)), daemon=True)
+    inner.start()
+    deadline = time.monotonic() + 120
+    while not up.exists() and inner.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    address = up.read_text() if up.exists() else ""
+    if address:
+        drop(address)
+        dropped.write_text("")
+    inner.join(INNER_TIMEOUT_S)
+    assert outcome, "the inner session did not end"
+    result, run_id = outcome[0]
+    output = result.stdout.str()
+    assert result.ret == pytest.ExitCode.OK, output
+    return output, run_id, proxy_log(cluster, address)
+
+
+def test_the_tunnel_heals_after_the_proxy_drops_an_idle_session(
+    pytester: pytest.Pytester, cluster: TestCluster
+) -> None:
+    """Keepalives every 4 s against a proxy that drops a session after 2 s idle: the session is dropped while the
+    test waits, the next datagrams reach the pod from a new proxy port (which it refuses), and the tunnel heals
+    by a new handshake."""
+    with cluster.balancer.use("proxy", idle_s=2.0):
+
+        def wait_idle(address: str) -> None:
+            deadline = time.monotonic() + 30
+            while "dropped: idle" not in proxy_log(cluster, address) and time.monotonic() < deadline:
+                time.sleep(0.1)
+
+        output, run_id, logs = run_healing(pytester, cluster, wait_idle, "--svctunnel-keepalive", "4", "-k", "heals")
+    assert "dropped: idle for 2 s" in logs, logs
+    assert re.search(r"healed [0-9.]+ s after the proxy dropped the session", output), output
+    assert_run_left_nothing(cluster, run_id, output)
+    assert_proxies_gone(cluster)
+
+
+def test_the_tunnel_heals_after_the_proxy_restarts_and_default_keepalives_keep_it(
+    pytester: pytest.Pytester, cluster: TestCluster
+) -> None:
+    """A restarted proxy has no sessions: the tunnel heals. Then keepalives below the idle timeout (1 s against
+    2 s here, as the default 5 s is against cloud-provider-kind's 60 s) keep the session: pings pass for three
+    idle timeouts in a row."""
+    with cluster.balancer.use("proxy", idle_s=2.0):
+
+        def restart(address: str) -> None:
+            for proxy in cluster.balancer.proxies():
+                if str(proxy.address) == address:
+                    proxy.restart()
+
+        output, run_id, logs = run_healing(pytester, cluster, restart)
+    assert logs.count("listening on") == 2, logs  # started, then restarted
+    assert re.search(r"healed [0-9.]+ s after the proxy dropped the session", output), output
+    assert_run_left_nothing(cluster, run_id, output)
+    assert_proxies_gone(cluster)

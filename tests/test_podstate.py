@@ -14,7 +14,7 @@ import pytest
 from pytest_svctunnel.backends.kubernetes import objects, podstate
 from pytest_svctunnel.backends.kubernetes.client import Cluster
 from pytest_svctunnel.backends.kubernetes.resources import Resource
-from pytest_svctunnel.errors import KubeError
+from pytest_svctunnel.errors import ConfigError, KubeError
 from pytest_svctunnel.waiting import Deadline
 
 
@@ -151,3 +151,24 @@ def test_an_interrupt_during_an_api_request_is_not_swallowed() -> None:
     cluster = Cluster(api=None, source="test")
     with pytest.raises(KeyboardInterrupt):
         cluster.call("reading something", swallowing_request, deadline=Deadline.after(5))
+
+
+def service(ip_mode: str | None) -> Resource:
+    ingress = {"ip": "198.51.100.10"} | ({"ipMode": ip_mode} if ip_mode else {})
+    return Resource({"metadata": {"namespace": "ns", "name": "s"}, "status": {"loadBalancer": {"ingress": [ingress]}}})
+
+
+@pytest.mark.parametrize("ip_mode", [None, "VIP"])
+def test_a_routing_load_balancer_carries_a_pinned_peer_and_node_mode(ip_mode: str | None) -> None:
+    assert not objects.proxied(service(ip_mode))
+    objects.refuse_proxy(service(ip_mode), ipaddress.ip_address("192.0.2.1"), "node1", 5533)
+
+
+def test_a_proxying_load_balancer_refuses_a_pinned_peer_and_node_mode_naming_the_remedy() -> None:
+    svc = service("Proxy")
+    assert objects.proxied(svc)
+    objects.refuse_proxy(svc, None, None, 5533)  # the plain pod mode works through it
+    with pytest.raises(ConfigError, match=r"--svctunnel-peer 192.0.2.1 cannot work here: Service ns/s.*ipMode Proxy"):
+        objects.refuse_proxy(svc, ipaddress.ip_address("192.0.2.1"), None, 5533)
+    with pytest.raises(ConfigError, match=r"node mode .* port 5533; node mode needs .*MetalLB"):
+        objects.refuse_proxy(svc, None, "node1", 5533)

@@ -114,7 +114,12 @@ def running_cluster(work_dir: Path) -> Iterator[TestCluster]:
         api = plane.api_client()
         stack.callback(api.close)
         balancer = LoadBalancerController(
-            api, network.plan.lb_pool, network.plan.lab.ns("wan"), {spec.name: spec.address for spec in specs}
+            api,
+            {"routed": network.plan.lb_pool, "proxy": network.plan.lb_proxy_pool},
+            network.plan.lab.ns("wan"),
+            {spec.name: spec.address for spec in specs},
+            run.id,
+            work_dir,
         )
         balancer.start()
         stack.callback(balancer.stop, 10)

@@ -4,7 +4,8 @@
       | svt<id>-lan              198.18.K.0/30
     home router  (masquerade, rewrites source ports)
       | wan                      198.18.K.4/30
-    WAN router   (the load balancer's routes: a Service's address to the nodes that pass its health check)
+    WAN router   (the load balancer's routes: a Service's address to the nodes that pass its health check,
+      |           or in proxy mode to the Service's proxy namespace svt-<id>-lbN, veth lbN, see ``lbproxy``)
       | node                     198.18.K.8/30     node  svt-<id>-node   198.18.K.10, pods 198.18.K.128/26
       | node2                    198.18.K.12/30    node  svt-<id>-node2  198.18.K.14, pods 198.18.K.192/26
     nodes        (containerd, kubelet, kube-proxy; pods on a CNI bridge, their egress masqueraded)
@@ -63,11 +64,17 @@ class ClusterPlan:
 
     @property
     def lb_pool(self) -> list[ipaddress.IPv4Address]:
+        """The load balancer's addresses in routed mode (MetalLB's L2 mode)."""
         return [self.lab.v4(host) for host in range(100, 108)]
 
     @property
+    def lb_proxy_pool(self) -> list[ipaddress.IPv4Address]:
+        """Its addresses in proxy mode (cloud-provider-kind's proxies): each one a proxy namespace's."""
+        return [self.lab.v4(host) for host in range(112, 120)]
+
+    @property
     def lb_net(self) -> ipaddress.IPv4Network:
-        return ipaddress.IPv4Network(f"198.18.{self.lab.block}.96/28")
+        return ipaddress.IPv4Network(f"198.18.{self.lab.block}.96/27")
 
 
 class ClusterNetwork:

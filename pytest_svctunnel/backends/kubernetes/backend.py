@@ -10,6 +10,7 @@ waits until it is on its way out. Every object carries the label ``svctunnel.dev
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -65,13 +66,26 @@ class KubernetesBackend:
         self._cluster = warm.take(self.target.kubeconfig, self.target.context, deadline)
         stopwatch.lap("client ready")
         self.run.write(KUBE_FILE, self.placement.record(self.target))
-        objects.create(self.cluster, self.placement, self.run.id, rendered, deadline)
+        objects.create(self.cluster, self.placement, self.run.id, rendered, deadline, self._check_provider(deadline))
         stopwatch.lap("objects created")
         pod = self._wait_pod_placed(deadline)
         stopwatch.lap("pod placed")
         endpoint = self._service_endpoint(pod, deadline)
         stopwatch.lap("load-balancer address" if o.service_type == "LoadBalancer" else "node port")
         return endpoint
+
+    def _check_provider(self, deadline: Deadline) -> Callable[[], None] | None:
+        """With a pinned peer or node mode behind a load balancer: a check, run once the Service has
+        its address and before the pod end exists, that the provider does not proxy (``refuse_proxy``)."""
+        o = self.options
+        if o.service_type != "LoadBalancer" or (o.peer is None and o.node is None):
+            return None
+
+        def check() -> None:
+            svc = objects.wait_load_balancer(lambda: self._service(deadline), deadline)
+            objects.refuse_proxy(svc, o.peer, o.node, o.port)
+
+        return check
 
     def pods(self, deadline: Deadline) -> list[Any]:
         return objects.pods(self.cluster, self.placement, deadline)

@@ -9,7 +9,7 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
-from ...errors import KubeError
+from ...errors import ConfigError, KubeError
 from ...protocol import Endpoint
 from ...values import IPAddress
 from ...waiting import Deadline, wait_for
@@ -22,9 +22,15 @@ _POLL_S = 0.2
 
 
 def create(
-    cluster: Cluster, placement: Placement, run_id: str, objects: dict[str, manifests.Obj], deadline: Deadline
+    cluster: Cluster,
+    placement: Placement,
+    run_id: str,
+    objects: dict[str, manifests.Obj],
+    deadline: Deadline,
+    before_pod: Callable[[], None] | None = None,
 ) -> None:
-    """Create the run's namespace (when it owns one), then its Service, Secret and Deployment.
+    """Create the run's namespace (when it owns one), then its Service, Secret and Deployment;
+    ``before_pod`` runs between the Service and the rest (a check that may refuse the Service).
 
     The Service goes first: kube-proxy programs a new Service at once but its first endpoint at
     the earliest one minimum sync period (1 s by default, and in KinD) later, and that second
@@ -33,7 +39,10 @@ def create(
     if placement.owns_namespace:
         body = manifests.namespace(ns, run_id)
         cluster.post(f"creating namespace {ns}", NAMESPACES.path(), body, deadline=deadline)
-    for kind, resource in (("Service", SERVICES), ("Secret", SECRETS), ("Deployment", DEPLOYMENTS)):
+    cluster.post(f"creating Service {placement.name} in {ns}", SERVICES.path(ns), objects["Service"], deadline=deadline)
+    if before_pod is not None:
+        before_pod()
+    for kind, resource in (("Secret", SECRETS), ("Deployment", DEPLOYMENTS)):
         what = f"creating {kind} {placement.name} in {ns}"
         cluster.post(what, resource.path(ns), objects[kind], deadline=deadline)
 
@@ -54,6 +63,56 @@ LB_HINT = (
     "the cluster needs a load-balancer provider (KinD: run cloud-provider-kind, or install MetalLB"
     " with an address pool), or use --svctunnel-service-type NodePort"
 )
+
+
+def wait_load_balancer(read: Callable[[], Any], deadline: Deadline) -> Any:
+    """The Service (as ``read`` reads it) once its load-balancer provider gave it an address."""
+
+    def addressed() -> Any:
+        svc = read()
+        return svc if svc.status.load_balancer.ingress else None
+
+    return wait_for(
+        addressed,
+        phase="load-balancer address",
+        deadline=deadline,
+        describe=lambda: "the Service has no load-balancer address",
+        hint=LB_HINT,
+        interval=_POLL_S,
+    )
+
+
+def proxied(svc: Any) -> bool:
+    """Whether the Service's load balancer proxies rather than routes: its ingress says ``ipMode:
+    Proxy`` (cloud-provider-kind's Envoy, and cloud proxies), so the pod sees the proxy's address
+    and a port it chose, and the proxy delivers to node ports."""
+    return any(entry.ip_mode == "Proxy" for entry in svc.status.load_balancer.ingress or [])
+
+
+def refuse_proxy(svc: Any, peer: IPAddress | None, node: str | None, port: int) -> None:
+    """Raise before the pod end exists when a proxying load balancer (``proxied``) can never carry
+    what the options ask: a pinned ``peer`` (the pod sees the proxy instead), or node mode (the agent
+    on the node's network sees the node port, not the Service's ``port``)."""
+    if not proxied(svc):
+        return
+    where = (
+        f"Service {svc.metadata.namespace}/{svc.metadata.name}'s load balancer proxies (its ingress"
+        " says ipMode Proxy, as cloud-provider-kind's does)"
+    )
+    if peer is not None:
+        raise ConfigError(
+            f"--svctunnel-peer {peer} cannot work here: {where}, so the pod sees the proxy's address and"
+            " never yours; leave --svctunnel-peer out (the pod end answers only hellos signed with the"
+            " session's key, which keeps strangers out), or use --svctunnel-service-type NodePort or a"
+            " load balancer that keeps sources (MetalLB)"
+        )
+    if node is not None:
+        raise ConfigError(
+            f"node mode (--svctunnel-node {node}) cannot work here: {where}, and a proxy delivers to the"
+            f" node port, where the agent on the node's network does not see the Service's port {port};"
+            " node mode needs a load balancer that routes to the Service's port (MetalLB), or leave"
+            " --svctunnel-node out to run the pod end in a pod of its own"
+        )
 
 
 def service_endpoint(
