@@ -356,7 +356,7 @@ class Agent:
             addresses = tuple(a for a in (net.ipv4, net.ipv6) if a is not None)
             own = () if bridge else addresses  # a bridge port's own addresses would never answer
             specs.append(device.VxlanSpec(net.dev, net.vni, port, local.address, underlay, mtu, own, peer))
-        linkbatch.build(None, specs, self._group)
+        linkbatch.build(None, specs, self._group, finish_checksums=True)  # whatever relays it on the way back
         if bridge is not None:
             for net in wanted.values():
                 device.join_bridge(None, net.dev, bridge)

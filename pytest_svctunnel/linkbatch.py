@@ -135,10 +135,12 @@ def refuse_foreign(kinds: dict[str, str | None], remedy: str) -> None:
         )
 
 
-def build(netns: str | None, specs: Sequence[VxlanSpec], group: int) -> None:
+def build(netns: str | None, specs: Sequence[VxlanSpec], group: int, finish_checksums: bool = False) -> None:
     """Create (or reuse matching) VXLAN devices with their MTU and addresses in link group ``group``,
-    point each at its peer, bring them up, and wait until every address routes as local. A link of
-    another kind under one of the names, or a missing underlay, is a KernelError before any change."""
+    point each at its peer, bring them up, and wait until every address routes as local. With
+    ``finish_checksums`` (and always over IPv6) the kernel finishes inner checksums before it
+    encapsulates (``_checksums_before_encapsulation``). A link of another kind under one of the
+    names, or a missing underlay, is a KernelError before any change."""
     with rtnl.opened(netns) as nl:
         found = nl.links()
         _check(netns, specs, found)
@@ -159,19 +161,24 @@ def build(netns: str | None, specs: Sequence[VxlanSpec], group: int) -> None:
         nl.run(requests)
         _repoint(nl, {now[s.name].index: now[s.name] for s in specs if s.name in kept}, None)
         nl.run([_point(now[s.name], s.peer) for s in specs if s.peer is not None])
-        _checksums_before_encapsulation(netns, [s.name for s in specs if s.local.version == 6])
+        _checksums_before_encapsulation(netns, {s.name: finish_checksums or s.local.version == 6 for s in specs})
         nl.run([_set(now[s.name], up=True) for s in specs])
         _wait_local(nl, [a for s in specs for a in s.addresses])
 
 
-def _checksums_before_encapsulation(netns: str | None, names: Sequence[str]) -> None:
-    """Turn transmit checksum offload off on each device (those over IPv6, which keep an outer UDP
-    checksum, see ``_udp_checksum``): the kernel then finishes an inner packet's checksum before it
-    encapsulates it, so the outer checksum is right whatever NAT rewrites on the way. It costs TCP
-    its segmentation offload: on the lab, 1.6 instead of 22 Gbit/s (benchmarks/lab_tunnel.py)."""
-    for name in names:
+def _checksums_before_encapsulation(netns: str | None, finish: dict[str, bool]) -> None:
+    """Turn transmit checksum offload off on the devices ``finish`` says, on on the others.
+
+    With offload off the kernel finishes an inner packet's checksum before it encapsulates it, so
+    the frame stays right whatever happens on the way: an outer UDP checksum rewritten by NATs
+    (kept over IPv6, see ``_udp_checksum``), and a proxy that relays the frame from user space
+    (cloud-provider-kind's Envoy: the inner TCP checksum left to offload arrives unfinished, and
+    the pod drops the segment). It costs TCP its segmentation offload where the frames pass
+    several namespaces: the lab's host to pod TCP fell from 22 to 1.6 Gbit/s. So this end's
+    devices keep offload on unless a proxy relays them or the underlay is IPv6."""
+    for name, off in finish.items():
         try:
-            rtnl.tx_checksum(netns, name, on=False)
+            rtnl.tx_checksum(netns, name, on=not off)
         except OSError as exc:
             raise KernelError(f"turning off transmit checksum offload on {name}: {exc}") from None
 

@@ -88,6 +88,17 @@ def test_over_ipv4_the_outer_udp_checksum_is_zero_and_offload_stays(ns: str) -> 
     assert not udp_checksum(ns, "vx0")
 
 
+def test_checksums_are_finished_before_encapsulation_when_asked(ns: str) -> None:
+    """For a path with a proxy that relays frames from user space (an unfinished inner checksum would arrive
+    as it is); a device built again follows the latest call, both ways."""
+    linkbatch.build(ns, [spec()], GROUP, finish_checksums=True)
+    assert rtnl.tx_checksum(ns, "vx0") is False
+    linkbatch.build(ns, [spec()], GROUP)
+    assert rtnl.tx_checksum(ns, "vx0") is True
+    linkbatch.build(ns, [spec()], GROUP, finish_checksums=True)
+    assert rtnl.tx_checksum(ns, "vx0") is False
+
+
 def test_over_ipv6_the_checksum_stays_and_is_finished_before_encapsulation(ns: str) -> None:
     """A zero UDP checksum is refused over IPv6: there the kernel finishes inner checksums first."""
     six = dataclasses.replace(spec(), local=ipaddress.ip_address("2001:db8::1"), mtu=1430)
