@@ -45,6 +45,12 @@ FRESH_PORT_AFTER = 2  # unanswered hellos from one port before the next comes fr
 # met no Service rule yet leaves a conntrack entry that holds every later datagram of its port
 
 
+def relayed(observed: Endpoint, service: Endpoint) -> bool:
+    """Whether a proxy relays the tunnel: the pod sees this end as the load balancer's own address
+    (cloud-provider-kind's Envoy forwards from there), as the agent's ACK tells."""
+    return observed.address == service.address
+
+
 @dataclass(frozen=True)
 class ConnectSettings:
     """What the external end needs to open a tunnel."""
@@ -282,8 +288,7 @@ class ExternalEnd:
             addresses = tuple(a for a in (net.local_ipv4, net.local_ipv6) if a is not None)
             spec = device.VxlanSpec(net.dev, net.vni, local.port, route.source, underlay, mtu, addresses, s.service)
             specs.append(spec)
-        relayed = ack.observed.address == s.service.address  # a proxy forwards from the load balancer's address
-        linkbatch.build(None, specs, self.group, finish_checksums=relayed)
+        linkbatch.build(None, specs, self.group, finish_checksums=relayed(ack.observed, s.service))
         stopwatch.lap("devices")
         wait_carries_traffic(nets, deadline, self._stop)
         stopwatch.lap("first ping")

@@ -176,11 +176,10 @@ def _checksums_before_encapsulation(netns: str | None, finish: dict[str, bool]) 
     the pod drops the segment). It costs TCP its segmentation offload where the frames pass
     several namespaces: the lab's host to pod TCP fell from 22 to 1.6 Gbit/s. So this end's
     devices keep offload on unless a proxy relays them or the underlay is IPv6."""
-    for name, off in finish.items():
-        try:
-            rtnl.tx_checksum(netns, name, on=not off)
-        except OSError as exc:
-            raise KernelError(f"turning off transmit checksum offload on {name}: {exc}") from None
+    try:
+        rtnl.set_tx_checksums(netns, {name: not off for name, off in finish.items()})
+    except OSError as exc:
+        raise KernelError(f"setting transmit checksum offload: {exc}") from None
 
 
 def _check(netns: str | None, specs: Sequence[VxlanSpec], found: dict[str, Link]) -> None:

@@ -17,7 +17,7 @@ import os
 import secrets
 import socket
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -161,15 +161,29 @@ SIOCETHTOOL = 0x8946
 ETHTOOL_GTXCSUM, ETHTOOL_STXCSUM = 0x16, 0x17
 
 
-def tx_checksum(netns: str | None, name: str, on: bool | None = None) -> bool:
-    """Whether device ``name`` leaves transmit checksums to later (offload); with ``on``, set it
-    first (the ioctl behind ``ethtool -K NAME tx on|off``)."""
-    command = ETHTOOL_GTXCSUM if on is None else ETHTOOL_STXCSUM
-    value = array.array("I", [command, int(bool(on))])
-    address, _ = value.buffer_info()  # the kernel reads and writes ``value`` through this address
+def set_tx_checksums(netns: str | None, wanted: Mapping[str, bool]) -> None:
+    """Turn each named device's transmit checksum offload on or off (the ioctl behind ``ethtool -K
+    NAME tx on|off``), all through one socket of ``netns``."""
     with _socket_in(netns, socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        for name, on in wanted.items():
+            _ethtool(sock, name, ETHTOOL_STXCSUM, int(on))
+
+
+def tx_checksum(netns: str | None, name: str) -> bool:
+    """Whether device ``name`` leaves transmit checksums to later (offload)."""
+    with _socket_in(netns, socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        return bool(_ethtool(sock, name, ETHTOOL_GTXCSUM, 0))
+
+
+def _ethtool(sock: socket.socket, name: str, command: int, data: int) -> int:
+    """One ``struct ethtool_value`` command on device ``name``; the value the kernel leaves in it."""
+    value = array.array("I", [command, data])
+    address, _ = value.buffer_info()  # the kernel reads and writes ``value`` through this address
+    try:
         fcntl.ioctl(sock.fileno(), SIOCETHTOOL, struct.pack("16sP", name.encode(), address))
-    return bool(value[1]) if on is None else bool(on)
+    except OSError as exc:
+        raise OSError(exc.errno, f"{name}: {exc.strerror}") from None
+    return value[1]
 
 
 class Socket:

@@ -15,7 +15,7 @@ from . import claims, diagnostics, keys, names, neighbours
 from .backends import make_backend
 from .backends.base import Backend
 from .config import TunnelConfig
-from .connector import Connection, ConnectSettings, ExternalEnd
+from .connector import Connection, ConnectSettings, ExternalEnd, relayed
 from .networks import DEFAULT_NAME, Held, Network, NetworkMap, NetworkRequest, Plan, plan_attached
 from .privileges import require_net_admin
 from .protocol import Endpoint
@@ -72,15 +72,9 @@ class Tunnel:
     def service_address(self) -> IPAddress:
         return self.service.address
 
-    @property
-    def proxied(self) -> bool:
-        """Whether a proxy sits between the ends: the pod sees this end as the load balancer's own
-        address (cloud-provider-kind's Envoy forwards from there), as the agent told in its ACK."""
-        return self.peer.address == self.service.address
-
     def describe_path(self) -> str:
-        """Where the pod sees this end, and through what."""
-        through = "a proxying load balancer" if self.proxied else "the Service"
+        """Where the pod sees this end, and through what (``connector.relayed``)."""
+        through = "a proxying load balancer" if relayed(self.peer, self.service) else "the Service"
         return f"the pod sees this end as {self.peer} through {through} at {self.service}"
 
     @property

@@ -104,7 +104,7 @@ def test_over_ipv6_the_checksum_stays_and_is_finished_before_encapsulation(ns: s
     six = dataclasses.replace(spec(), local=ipaddress.ip_address("2001:db8::1"), mtu=1430)
     linkbatch.build(ns, [six], GROUP)
     assert udp_checksum(ns, "vx0") and rtnl.tx_checksum(ns, "vx0") is False
-    rtnl.tx_checksum(ns, "vx0", on=True)
+    rtnl.set_tx_checksums(ns, {"vx0": True})
     linkbatch.build(ns, [six], GROUP)  # reused as it is, and offload is off again
     assert rtnl.tx_checksum(ns, "vx0") is False
 

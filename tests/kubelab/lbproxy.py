@@ -46,7 +46,7 @@ class ProxyConfig:
 
 
 class ServiceProxy:
-    """The proxy of one Service at ``address``: ``start`` builds its namespace and runs the proxy, ``restart``
+    """The proxy of one Service at ``address``: ``run`` builds its namespace and runs the proxy, ``restart``
     runs the proxy anew (its sessions are lost, as when a container restarts), ``stop`` removes both."""
 
     def __init__(self, run_id: str, index: int, router_netns: str, address: ipaddress.IPv4Address, work_dir: Path):
@@ -61,11 +61,13 @@ class ServiceProxy:
         self._process: subprocess.Popen[bytes] | None = None
         self._lock = threading.Lock()  # the controller's watch thread and a test may both act on it
 
-    def start(self, config: ProxyConfig) -> None:
+    def run(self, config: ProxyConfig) -> None:
+        """Run the proxy with ``config`` (building its namespace the first time), anew if it runs."""
         try:
             with self._lock:
                 if not netns.exists(self.netns):
                     self._network()
+                self._terminate()
                 self.config = config
                 self._run()
         except BaseException:
@@ -126,16 +128,8 @@ class ServiceProxy:
 
     def restart(self) -> None:
         """Stop the proxy and run it again, as ``docker restart`` does to cloud-provider-kind's container."""
-        with self._lock:
-            self._terminate()
-            self._run()
-
-    def restart_with(self, config: ProxyConfig) -> None:
-        """Run the proxy anew with ``config`` (the Service's ports or policy changed)."""
-        with self._lock:
-            self._terminate()
-            self.config = config
-            self._run()
+        assert self.config is not None, "restart() of a proxy that never ran"
+        self.run(self.config)
 
     def log(self) -> str:
         return self.log_file.read_text() if self.log_file.exists() else ""

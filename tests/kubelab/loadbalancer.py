@@ -208,7 +208,7 @@ class LoadBalancerController:
             with self._lock:
                 self._proxies[uid] = proxy
         try:
-            proxy.start(config) if proxy.config is None else proxy.restart_with(config)
+            proxy.run(config)
         except LabError as exc:
             log.warning("service %s: %s", key_of(service), exc)
             return False

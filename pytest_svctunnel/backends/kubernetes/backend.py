@@ -82,7 +82,7 @@ class KubernetesBackend:
             return None
 
         def check() -> None:
-            svc = objects.wait_load_balancer(lambda: self._service(deadline), deadline)
+            svc, _ = objects.wait_load_balancer(lambda: self._service(deadline), o.port, deadline)
             objects.refuse_proxy(svc, o.peer, o.node, o.port)
 
         return check

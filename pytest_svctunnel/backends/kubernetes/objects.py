@@ -65,20 +65,21 @@ LB_HINT = (
 )
 
 
-def wait_load_balancer(read: Callable[[], Any], deadline: Deadline) -> Any:
-    """The Service (as ``read`` reads it) once its load-balancer provider gave it an address."""
+def wait_load_balancer(read: Callable[[], Any], port: int, deadline: Deadline) -> tuple[Any, Endpoint]:
+    """The Service (as ``read`` reads it) and where it is reached, once its load-balancer provider
+    gave it an address (a host name once it resolves)."""
 
-    def addressed() -> Any:
+    def addressed() -> tuple[Any, Endpoint] | None:
         svc = read()
-        return svc if svc.status.load_balancer.ingress else None
+        endpoint = load_balancer_endpoint(svc, port)
+        return None if endpoint is None else (svc, endpoint)
+
+    def describe() -> str:
+        svc = read()
+        return f"Service {svc.metadata.namespace}/{svc.metadata.name} has no load-balancer address"
 
     return wait_for(
-        addressed,
-        phase="load-balancer address",
-        deadline=deadline,
-        describe=lambda: "the Service has no load-balancer address",
-        hint=LB_HINT,
-        interval=_POLL_S,
+        addressed, phase="load-balancer address", deadline=deadline, describe=describe, hint=LB_HINT, interval=_POLL_S
     )
 
 
@@ -122,19 +123,7 @@ def service_endpoint(
     Service's load-balancer address once the provider gave it one. ``read`` reads the Service."""
     if service_type == "NodePort":
         return node_port_endpoint(cluster, pod, read(), deadline)
-
-    def describe() -> str:
-        svc = read()
-        return f"Service {svc.metadata.namespace}/{svc.metadata.name} has no load-balancer address"
-
-    return wait_for(
-        lambda: load_balancer_endpoint(read(), port),
-        phase="load-balancer address",
-        deadline=deadline,
-        describe=describe,
-        hint=LB_HINT,
-        interval=_POLL_S,
-    )
+    return wait_load_balancer(read, port, deadline)[1]
 
 
 def load_balancer_endpoint(svc: Any, port: int) -> Endpoint | None:
