@@ -63,8 +63,18 @@ class ServiceProxy:
 
     def run(self, config: ProxyConfig) -> None:
         """Run the proxy with ``config`` (building its namespace the first time), anew if it runs."""
+        self._run_if(config, always=True)
+
+    def ensure(self, config: ProxyConfig) -> None:
+        """Run the proxy with ``config`` unless it runs with it already. The check and the start are one step
+        under the lock, so a ``restart`` in progress is waited for, not taken for a dead proxy and run twice."""
+        self._run_if(config, always=False)
+
+    def _run_if(self, config: ProxyConfig, always: bool) -> None:
         try:
             with self._lock:
+                if not always and self.config == config and self._alive():
+                    return
                 if not netns.exists(self.netns):
                     self._network()
                 self._terminate()
@@ -122,8 +132,7 @@ class ServiceProxy:
             time.sleep(0.02)
         log.info("proxy for %s listening in %s (%s)", self.address, self.netns, c)
 
-    @property
-    def alive(self) -> bool:
+    def _alive(self) -> bool:
         return self._process is not None and self._process.poll() is None
 
     def restart(self) -> None:

@@ -201,14 +201,12 @@ class LoadBalancerController:
         if config is None:
             return False  # no UDP node port yet
         proxy = self._proxies.get(uid)
-        if proxy is not None and proxy.config == config and proxy.alive:
-            return True
         if proxy is None:
             proxy = ServiceProxy(self.run_id, next(self._numbers), self.router_netns, address, self.work_dir)
             with self._lock:
                 self._proxies[uid] = proxy
         try:
-            proxy.run(config)
+            proxy.ensure(config)
         except LabError as exc:
             log.warning("service %s: %s", key_of(service), exc)
             return False
