@@ -26,7 +26,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,7 @@ from pytest_svctunnel.runs import Run
 from pytest_svctunnel.waiting import Deadline, Stopwatch
 
 from .kubelab.cluster import TestCluster, running_cluster
+from .kubelab.lbproxy import ServiceProxy
 
 pytestmark = pytest.mark.root
 
@@ -53,7 +54,6 @@ _READY = re.compile(r"^svctunnel: tunnel ready in .*$", re.MULTILINE)
 
 # what the inner suites that watch their agent pod share: its client, and one ping over a tunnel device
 POD_SUITE_HEAD = """
-import ipaddress
 import os
 import subprocess
 import time
@@ -94,7 +94,6 @@ def test_agent_pod_restart_heals_the_tunnel(svctunnel):
 
 
 NODE_SUITE = """
-import ipaddress
 import os
 import subprocess
 
@@ -1202,12 +1201,6 @@ def proxy_mode(cluster: TestCluster) -> Iterator[TestCluster]:
         yield cluster
 
 
-def proxy_log(cluster: TestCluster, address: str) -> str:
-    """What the latest proxy that held ``address`` logged, restarts included (its log names its address)."""
-    logs = [f for f in cluster.balancer.work_dir.glob("*-lb*.log") if f"listening on {address} " in f.read_text()]
-    return max(logs, key=lambda f: f.stat().st_mtime).read_text() if logs else ""
-
-
 def assert_proxies_gone(cluster: TestCluster, seconds: float = 60.0) -> None:
     """Once its Service is gone a proxy stops and its namespace goes."""
     deadline, prefix = time.monotonic() + seconds, names.netns_name(cluster.network.run.id, "lb")
@@ -1299,9 +1292,11 @@ def test_stays_up(svctunnel):
 )
 
 
-def run_healing(pytester: pytest.Pytester, cluster: TestCluster, drop: Any, *args: str) -> tuple[str, str, str]:
-    """The heal suite in the background; ``drop(address)`` makes the proxy lose the session once the tunnel is
-    up. Returns the inner output, its run id and what the session's proxy logged."""
+def run_healing(
+    pytester: pytest.Pytester, cluster: TestCluster, drop: Callable[[ServiceProxy], None], *args: str
+) -> tuple[str, str, str]:
+    """The heal suite in the background; ``drop(proxy)`` makes the session's proxy lose the session once the
+    tunnel is up. Returns the inner output, its run id and what that proxy logged (restarts included)."""
     pytester.makepyfile(test_heal=HEAL_SUITE)
     up, dropped = pytester.path / "tunnel-up", pytester.path / "dropped"
     outcome: list[tuple[pytest.RunResult, str]] = []
@@ -1311,15 +1306,17 @@ def run_healing(pytester: pytest.Pytester, cluster: TestCluster, drop: Any, *arg
     while not up.exists() and inner.is_alive() and time.monotonic() < deadline:
         time.sleep(0.05)
     address = up.read_text() if up.exists() else ""
+    proxy = next((p for p in cluster.balancer.proxies() if str(p.address) == address), None)
     if address:
-        drop(address)
+        if proxy is not None:
+            drop(proxy)
         dropped.write_text("")
     inner.join(INNER_TIMEOUT_S)
     assert outcome, "the inner session did not end"
     result, run_id = outcome[0]
     output = result.stdout.str()
     assert result.ret == pytest.ExitCode.OK, output
-    return output, run_id, proxy_log(cluster, address)
+    return output, run_id, proxy.log() if proxy is not None else ""
 
 
 def test_the_tunnel_heals_after_the_proxy_drops_an_idle_session(
@@ -1330,9 +1327,9 @@ def test_the_tunnel_heals_after_the_proxy_drops_an_idle_session(
     by a new handshake."""
     with cluster.balancer.use("proxy", idle_s=2.0):
 
-        def wait_idle(address: str) -> None:
+        def wait_idle(proxy: ServiceProxy) -> None:
             deadline = time.monotonic() + 30
-            while "dropped: idle" not in proxy_log(cluster, address) and time.monotonic() < deadline:
+            while "dropped: idle" not in proxy.log() and time.monotonic() < deadline:
                 time.sleep(0.1)
 
         output, run_id, logs = run_healing(pytester, cluster, wait_idle, "--svctunnel-keepalive", "4", "-k", "heals")
@@ -1349,13 +1346,7 @@ def test_the_tunnel_heals_after_the_proxy_restarts_and_default_keepalives_keep_i
     2 s here, as the default 5 s is against cloud-provider-kind's 60 s) keep the session: pings pass for three
     idle timeouts in a row."""
     with cluster.balancer.use("proxy", idle_s=2.0):
-
-        def restart(address: str) -> None:
-            for proxy in cluster.balancer.proxies():
-                if str(proxy.address) == address:
-                    proxy.restart()
-
-        output, run_id, logs = run_healing(pytester, cluster, restart)
+        output, run_id, logs = run_healing(pytester, cluster, ServiceProxy.restart)
     assert logs.count("listening on") == 2, logs  # started, then restarted
     assert re.search(r"healed [0-9.]+ s after the proxy dropped the session", output), output
     assert_run_left_nothing(cluster, run_id, output)

@@ -135,23 +135,12 @@ class LoadBalancerController:
         with self._lock:
             return list(self._proxies.values())
 
-    def proxy(self, namespace: str, name: str) -> ServiceProxy:
-        """The proxy of Service ``namespace/name`` (given its address in proxy mode)."""
-        key = f"{namespace}/{name}"
-        with self._lock:
-            found = [self._proxies[uid] for uid, named in self._names.items() if named == key and uid in self._proxies]
-        if not found:
-            raise LoadBalancerError(f"Service {key} has no proxy")
-        return found[0]
-
     def _targets(self) -> list[Target]:
         """Every assigned address with its Service's health check port (Local policy) or 0 (every node)."""
-        with self._lock:
-            assigned = dict(self._by_uid)
+        with self._lock:  # a proxy's address is routed to its proxy, whatever the health checks say
+            assigned = {uid: a for uid, a in self._by_uid.items() if self._modes.get(uid) != "proxy"}
         targets = []
         for uid, address in assigned.items():
-            if self._modes.get(uid) == "proxy":
-                continue  # routed to its proxy, whatever the health checks say
             spec = (self._watch.cache.get(uid) or {}).get("spec") or {}
             local = spec.get("externalTrafficPolicy") == "Local"
             targets.append(Target(address, int(spec.get("healthCheckNodePort") or 0) if local else 0))

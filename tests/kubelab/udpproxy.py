@@ -53,18 +53,14 @@ class Session:
 
 
 class Health:
-    """Which nodes pass the health check now; checked in a thread every ``check_s``."""
+    """Which nodes pass the health check now (``healthy``); checked in a thread every ``check_s``, the only
+    writer: it replaces ``healthy`` whole, so the proxy's loop reads it per datagram without a lock or copy."""
 
     def __init__(self, nodes: list[str], port: int, check_s: float) -> None:
         self.nodes, self.port, self.check_s = nodes, port, check_s
         self._passed = {node: 0 for node in nodes}
         self._failed = {node: 0 for node in nodes}
-        self._healthy: set[str] = set(nodes) if port == 0 else set()
-        self._lock = threading.Lock()
-
-    def healthy(self) -> set[str]:
-        with self._lock:
-            return set(self._healthy)
+        self.healthy: frozenset[str] = frozenset(nodes) if port == 0 else frozenset()
 
     def run(self, stop: threading.Event) -> None:
         while self.port and not stop.is_set():
@@ -73,17 +69,16 @@ class Health:
             stop.wait(self.check_s)
 
     def _record(self, node: str, passed: bool) -> None:
-        with self._lock:
-            if passed:
-                self._passed[node], self._failed[node] = self._passed[node] + 1, 0
-                if self._passed[node] >= HEALTHY_AFTER and node not in self._healthy:
-                    self._healthy.add(node)
-                    print(f"node {node} healthy", flush=True)
-            else:
-                self._failed[node], self._passed[node] = self._failed[node] + 1, 0
-                if self._failed[node] >= UNHEALTHY_AFTER and node in self._healthy:
-                    self._healthy.discard(node)
-                    print(f"node {node} unhealthy", flush=True)
+        if passed:
+            self._passed[node], self._failed[node] = self._passed[node] + 1, 0
+            if self._passed[node] >= HEALTHY_AFTER and node not in self.healthy:
+                self.healthy = self.healthy | {node}
+                print(f"node {node} healthy", flush=True)
+        else:
+            self._failed[node], self._passed[node] = self._failed[node] + 1, 0
+            if self._failed[node] >= UNHEALTHY_AFTER and node in self.healthy:
+                self.healthy = self.healthy - {node}
+                print(f"node {node} unhealthy", flush=True)
 
     def _passes(self, node: str) -> bool:
         try:
@@ -104,7 +99,7 @@ class Proxy:
         self.health = Health(nodes, int(config.get("health_port", 0)), float(config.get("check_s", 2.0)))
         self.selector = selectors.DefaultSelector()
         self.node_port: dict[socket.socket, int] = {}
-        self.sessions: dict[tuple[int, tuple[str, int]], Session] = {}
+        self.sessions: dict[tuple[socket.socket, tuple[str, int]], Session] = {}  # by listener and client
         self.stop = threading.Event()
 
     def open(self, ready_file: Path) -> None:
@@ -158,9 +153,9 @@ class Proxy:
             session.listener.sendto(data, session.client)
 
     def _session(self, listener: socket.socket, client: tuple[str, int]) -> Session | None:
-        key = (listener.getsockname()[1], client)
+        key = (listener, client)
         session = self.sessions.get(key)
-        healthy = self.health.healthy()
+        healthy = self.health.healthy
         if session is not None and (session.node in healthy or not healthy):
             return session
         if not healthy:
@@ -183,7 +178,7 @@ class Proxy:
             if now - session.last >= self.idle_s:
                 self._drop(key, f"idle for {self.idle_s:g} s")
 
-    def _drop(self, key: tuple[int, tuple[str, int]], why: str) -> None:
+    def _drop(self, key: tuple[socket.socket, tuple[str, int]], why: str) -> None:
         session = self.sessions.pop(key)
         self.selector.unregister(session.upstream)
         session.upstream.close()
